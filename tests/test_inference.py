@@ -253,6 +253,7 @@ def test_predict_bad_inputs(tmp_path, capsys):
     if not torch.cuda.is_available():
         fails([tmp_path / "ck.pt", data, "--out", out, "--device", "cuda"], "no CUDA GPU")
     fails([tmp_path / "ck.pt", data, "--out", out, "--sliding-window", "--roi-size", "40"], "multiples of 16")
+    fails([tmp_path / "ck.pt", data, "--out", out, "--et-threshold", "-5"], "--et-threshold must be >= 0")
     # a case that breaks half-way: the cases before it are complete files, nothing half-written remains
     shutil.copytree(find_cases(SAMPLES_DIR)[1], data / "Synth_001")
     (data / "Synth_001" / "Synth_001_t2.nii.gz").write_bytes(b"not a nifti")

@@ -44,10 +44,10 @@ def perturbations(label, rng):
 def test_dice_and_hd95_match_monai_on_samples():
     rng = np.random.default_rng(0)
     worst_d = worst_h = 0.0
-    for i, c in enumerate(find_cases(SAMPLES_DIR)[:3]):
+    for i, c in enumerate(find_cases(SAMPLES_DIR)[:2]):
         case = load_case(c)
         gt = labels_to_regions(case.label)
-        spacing = [(1.0, 1.0, 1.0), (1.0, 1.5, 0.8), (0.9, 0.9, 2.5)][i]  # anisotropic spacings too
+        spacing = [(1.0, 1.0, 1.0), (1.0, 1.5, 0.8)][i]  # an anisotropic spacing too
         for pred_label in perturbations(case.label, rng):
             pr = labels_to_regions(pred_label)
             md, mh = monai_scores(pr, gt, spacing)
