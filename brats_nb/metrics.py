@@ -139,10 +139,11 @@ def load_prediction(path, case):
     return label, conv
 
 def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False):
-    "Score the predictions in `pred_dir` against the labelled cases of `data_dir`: (rows, summary); CSV to `out_csv`."
+    "Score the predictions in `pred_dir` against the labelled cases of `data_dir` (a folder, or a list of case folders): (rows, summary); CSV to `out_csv`."
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir(): raise BratsError(f"{pred_dir}: no such prediction folder")
-    case_dirs = find_cases(data_dir)
+    case_dirs = [Path(d) for d in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)
+    if not case_dirs: raise BratsError("evaluate_folder: no cases given")
     for d in case_dirs:  # every check that needs no loading, before any work
         cf = case_files(d)
         if cf.seg is None: raise BratsError(f"{d}: case {cf.name!r} has no label file; it cannot be evaluated")

@@ -33,7 +33,9 @@ if [ "$before" != "$after" ]; then
 fi
 echo "ok"
 
-export MPLBACKEND=Agg PYTHONHASHSEED=0
+# one BLAS/OpenMP thread per process: nbdev_test runs two notebooks at once on a 2-core machine, and
+# oversubscribed threads make small 3D convolutions many times slower
+export MPLBACKEND=Agg PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 step "nbdev_test (every notebook, skipping the slow and cuda flags)"
 nbdev_test --n_workers 2 --timing
 

@@ -1,0 +1,78 @@
+"End to end on the samples: the demo, the ablation (and its resume), the training benchmark, --help everywhere."
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from brats_nb.cli import build_parser, main
+from brats_nb.synth import SAMPLES_DIR
+
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+TINY = ["--max-cases", "5", "--crop-size", "32", "--samples-per-case", "1", "--data", str(SAMPLES_DIR)]
+
+
+def run(*args, **kw):
+    return subprocess.run([str(BIN / "brats-nb"), *args], capture_output=True, text=True, env=ENV, **kw)
+
+
+def test_help_everywhere():
+    p = build_parser()
+    sub = next(a for a in p._actions if a.dest == "command")
+    names = set(sub.choices)
+    assert {"make-samples", "preprocess", "train", "predict", "evaluate", "ablation", "demo", "bench"} <= names
+    for name in sorted(names):
+        r = run(name, "--help")
+        assert r.returncode == 0 and "usage: brats-nb " + name in r.stdout, (name, r.stderr[-500:])
+    for what in ("model", "keypoints", "train"):
+        r = run("bench", what, "--help")
+        assert r.returncode == 0 and f"usage: brats-nb bench {what}" in r.stdout
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--out", str(out), "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("run/best.pt", "run/metrics.csv", "metrics.csv", "curves.png", "prediction.png"):
+        assert (out / f).exists(), f
+    preds = sorted((out / "predictions").glob("*.nii.gz"))
+    assert preds and all(p.stat().st_size > 0 for p in preds)
+    rows = list(csv.reader(open(out / "metrics.csv")))
+    assert rows[0][:4] == ["case", "Dice_WT", "Dice_TC", "Dice_ET"] and [r[0] for r in rows[-3:]] == ["mean", "median", "std"]
+    assert str(out.resolve()) in r.stdout
+    # a second demo reuses the finished run instead of training again
+    r2 = run("demo", "--out", str(out), "--epochs", "2")
+    assert r2.returncode == 0 and "resuming" in r2.stdout
+
+
+def test_ablation_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "abl"
+    r = run("ablation", "--out", str(out), "--arms", "dmfnet", "--seeds", "0", "--epochs", "1", *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "dmfnet_seed0" / "result.json").exists()
+    first = (out / "dmfnet_seed0" / "result.json").read_text()
+    r = run("ablation", "--out", str(out), "--arms", "dmfnet", "all", "--seeds", "0", "--epochs", "1", *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "dmfnet_seed0" / "result.json").read_text() == first      # finished arm not re-run
+    for f in ("ablation.csv", "ablation.md", "curves.png", "bars.png", "all_seed0/result.json"):
+        assert (out / f).exists(), f
+    table = list(csv.DictReader(open(out / "ablation.csv")))
+    assert [row["arm"] for row in table] == ["dmfnet", "all"]
+    assert float(table[1]["params"]) > float(table[0]["params"])
+    assert "| dmfnet |" in r.stdout and "| all |" in r.stdout
+    r = run("ablation", "--out", str(out), "--arms", "unet")
+    assert r.returncode == 2
+
+
+def test_bench_train_smoke():
+    r = run("bench", "train", "--variants", "dmfnet", "bsc", "--crop", "32", "--batch", "2", "--steps", "1", "--workers", "0",
+            "--channels", "8", "--mid-channels", "16", "--groups", "4", "--no-inference")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    row = {l.split()[0]: l.split() for l in lines if l.split() and l.split()[0] in ("dmfnet", "bsc")}
+    assert set(row) == {"dmfnet", "bsc"} and "error" not in r.stdout
+    header = next(l.split() for l in lines if l.strip().startswith("variant"))
+    assert float(row["dmfnet"][header.index("time_vs_dmfnet")]) == pytest.approx(1.0)

@@ -1,0 +1,117 @@
+"The trainer for real: a SIGKILLed run resumed, two processes under torchrun, bad checkpoints, the command line."
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from brats_nb.cli import main
+from brats_nb.data import BratsError, find_cases
+from brats_nb.synth import SAMPLES_DIR
+from brats_nb.trainer import load_model, read_checkpoint, read_log, split_cases
+
+BIN = Path(sys.executable).parent
+SMALL = ["--preset", "cpu", "--variant", "dmfnet", "--max-cases", "4", "--workers", "0", "--crop-size", "32",
+         "--samples-per-case", "2", "--data", str(SAMPLES_DIR)]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+
+
+def brats_nb(*args, **kw):
+    return subprocess.run([str(BIN / "brats-nb"), *args], capture_output=True, text=True, env=ENV, **kw)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
+    epochs = "4"
+    r = brats_nb("train", *SMALL, "--epochs", epochs, "--out", str(tmp_path / "straight"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the same run, killed with SIGKILL as soon as its first epoch is logged
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([str(BIN / "brats-nb"), "train", *SMALL, "--epochs", epochs, "--out", str(killed)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and len(read_log(killed)) < 1:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL); p.wait()
+    done = len(read_log(killed))
+    assert 1 <= done < int(epochs), f"the run was not interrupted mid-training ({done} epochs logged)"
+    assert read_checkpoint(killed / "latest.pt")["epoch"] == done - 1
+    assert not list(killed.glob(".*.tmp")), "a temporary checkpoint was left behind"
+    # without --resume the run refuses to overwrite; with it, it continues
+    r = brats_nb("train", *SMALL, "--epochs", epochs, "--out", str(killed))
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = brats_nb("train", *SMALL, "--epochs", epochs, "--out", str(killed), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(read_log(killed)) == int(epochs)
+    assert same_weights(weights(tmp_path / "straight" / "latest.pt"), weights(killed / "latest.pt"))
+    # and a second uninterrupted run with the same seed is the same run (deterministic on the CPU)
+    r = brats_nb("train", *SMALL, "--epochs", "2", "--out", str(tmp_path / "again"))
+    assert r.returncode == 0
+    r = brats_nb("train", *SMALL, "--epochs", "2", "--out", str(tmp_path / "again2"))
+    assert same_weights(weights(tmp_path / "again" / "latest.pt"), weights(tmp_path / "again2" / "latest.pt"))
+    r = brats_nb("train", *SMALL, "--epochs", "2", "--seed", "1", "--out", str(tmp_path / "seed1"))
+    assert not same_weights(weights(tmp_path / "again" / "latest.pt"), weights(tmp_path / "seed1" / "latest.pt"))
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "brats-nb"),
+                        "train", *SMALL, "--max-cases", "5", "--epochs", "1", "--out", str(out)],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = {int(m[1]): set(m[2].split(",")) for m in re.finditer(r"\[rank (\d)/2\] epoch 1: \d+ steps on \d+ crops: (\S+)", r.stdout)}
+    assert set(lines) == {0, 1}, r.stdout
+    train_cases, _ = split_cases(find_cases(SAMPLES_DIR)[:5], 0.2, 0)
+    assert lines[0] | lines[1] == {c.name for c in train_cases}  # together the ranks saw every training case
+    log = read_log(out)
+    assert len(log) == 1 and log[0]["world"] == 2           # one log row: written once, by rank 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("tb")) == ["best.pt", "config.json", "latest.pt", "metrics.csv"]
+    model, cfg = load_model(out / "latest.pt")
+    assert cfg["variant"] == "dmfnet"
+
+
+def test_bad_checkpoints(tmp_path):
+    junk = tmp_path / "junk.pt"; junk.write_bytes(os.urandom(2000))
+    with pytest.raises(BratsError, match="junk.pt: not a readable checkpoint"):
+        load_model(junk)
+    foreign = tmp_path / "foreign.pt"; torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(BratsError, match="foreign.pt: not a brats_nb checkpoint"):
+        load_model(foreign)
+    with pytest.raises(BratsError, match="no such checkpoint"):
+        load_model(tmp_path / "missing.pt")
+    truncated = tmp_path / "cut.pt"
+    r = brats_nb("train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    truncated.write_bytes((tmp_path / "run" / "latest.pt").read_bytes()[:5000])
+    with pytest.raises(BratsError, match="cut.pt: not a readable checkpoint"):
+        load_model(truncated)
+    with pytest.raises(BratsError, match="holds a 'dmfnet' model, not 'all'"):
+        load_model(tmp_path / "run" / "latest.pt", variant="all")
+    # resuming with another network is refused by name
+    r = brats_nb("train", *SMALL, "--epochs", "2", "--variant", "mie", "--out", str(tmp_path / "run"), "--resume")
+    assert r.returncode == 2 and "cannot resume it as 'mie'" in r.stderr
+
+
+def test_cli_config_errors(tmp_path, capsys):
+    assert main(["train", "--variant", "unet", "--out", str(tmp_path)]) == 2
+    assert "unknown variant 'unet'" in capsys.readouterr().err
+    assert main(["train", "--preset", "cpu", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    bad = tmp_path / "c.json"; bad.write_text('{"lr": 0.1, "learning_rate": 2}')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown configuration fields ['learning_rate']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--poly-power" in capsys.readouterr().out
