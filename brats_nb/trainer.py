@@ -417,6 +417,7 @@ def curve_widget(rows=()):
 
 def plot_curves(run_dir, ax=None):
     "Static matplotlib figure of a run's metrics.csv."
+    import matplotlib.pyplot as plt
     rows = read_log(run_dir)
     if ax is None: fig, ax = plt.subplots(1, 2, figsize=(10, 3))
     ep = [r["epoch"] for r in rows]

@@ -40,4 +40,4 @@ step "nbdev_test (every notebook, skipping the slow and cuda flags)"
 nbdev_test --n_workers 2 --timing
 
 step "pytest"
-python -m pytest tests "$@"
+python -m pytest tests -n 2 --dist loadfile -p no:cacheprovider "$@"
