@@ -5,6 +5,7 @@ runs all cells, and checks in the page that the widgets rendered, that a slider 
 that no cell raised. Screenshots go to tests/screenshots/ (or $BRATS_NB_SCREENSHOTS)."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,20 @@ def _free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+def _flagged(cell):
+    "True for a cell that nbdev_test skips here: a `#| slow` or `#| cuda` directive."
+    src = cell.get("source", "")
+    lines = src.splitlines() if isinstance(src, str) else "".join(src).splitlines()
+    return cell.get("cell_type") == "code" and any(l.strip().replace(" ", "") in ("#|slow", "#|cuda") for l in lines)
+
+
+def lab_copy(src, dst):
+    "Copy a notebook without its slow and GPU cells, as nbdev_test runs it on this CPU machine."
+    nb = json.loads(Path(src).read_text())
+    nb["cells"] = [c for c in nb["cells"] if not _flagged(c)]
+    Path(dst).write_text(json.dumps(nb))
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("labroot")
@@ -42,7 +57,7 @@ def lab(tmp_path_factory):
         (settings / ext / f"{name}.jupyterlab-settings").write_text(json.dumps(body))
     # the notebooks refer to ../data_samples and ../../shared: keep that layout inside the server's root
     (root / "nbs").mkdir()
-    for nb in (REPO / "nbs").glob("*.ipynb"): shutil.copy(nb, root / "nbs" / nb.name)
+    for nb in (REPO / "nbs").glob("*.ipynb"): lab_copy(nb, root / "nbs" / nb.name)
     os.symlink(REPO / "data_samples", root / "data_samples")
     token, port = "brats-nb-test-token", _free_port()
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(cfg / "config"), JUPYTER_DATA_DIR=str(cfg / "data"),
@@ -153,5 +168,139 @@ def test_slice_viewer_in_jupyterlab(lab, browser):
         page.wait_for_function("([e, s]) => e.src !== s", arg=[img.element_handle(), src])
         assert img.evaluate("e => e.complete && e.naturalWidth > 0")
         shot(page, viewer, "slice_viewer_moved.png")
+    finally:
+        page.close()
+
+
+def kernel_exec(page, code):
+    "Run `code` in the notebook's kernel (as a cell would) and return the reply's status."
+    return page.evaluate("""async (code) => {
+        const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+        const reply = await k.requestExecute({code}).done;
+        return reply.content.status; }""", code)
+
+
+def widget_box(page, *, text=None, has=()):
+    "The outermost ipywidgets VBox that contains every selector in `has` (and `text`, if given)."
+    box = page.locator(".widget-vbox")
+    for sel in has: box = box.filter(has=page.locator(sel))
+    if text: box = box.filter(has_text=text)
+    box = box.first
+    try:
+        box.wait_for()
+    except Exception:
+        outs = page.locator(".jp-OutputArea-output").all_text_contents()
+        pytest.fail("widget not found; outputs that mention widgets or errors:\n" +
+                    "\n".join(o[:300] for o in outs if "idget" in o or "rror" in o)[:3000])
+    return box
+
+
+def slider_named(box, label):
+    "The slider whose label is exactly `label`."
+    exact = re.compile(rf"^\s*{re.escape(label)}\s*$")
+    return box.locator(".widget-slider").filter(has=box.page.locator(".widget-label", has_text=exact)).first
+
+
+def loaded(img):
+    return img.evaluate("e => e.complete && e.naturalWidth > 0")
+
+
+def slide_and_redraw(page, viewer, label="slice", shot_name=None, presses=3):
+    "Move the slider `label` of `viewer` and wait until its first image is redrawn; returns the readouts (before, after)."
+    img = viewer.locator("img").first
+    src = image_src(img)
+    before, after = move_slider(page, slider_named(viewer, label), presses)
+    assert int(after) == int(before) + presses
+    page.wait_for_function("([e, s]) => e.src !== s", arg=[img.element_handle(), src])
+    assert loaded(img)
+    if shot_name: shot(page, viewer, shot_name)
+    return before, after
+
+
+def test_attention_viewer_in_jupyterlab(lab, browser):
+    page = run_notebook(browser, lab, "02_mie.ipynb")
+    try:
+        assert_no_errors(page, "02_mie")
+        viewer = widget_box(page, text="stretch colours", has=(".widget-slider", "img"))
+        img = viewer.locator("img").first
+        assert loaded(img)
+        # the channel-weight bars: one row per modality
+        for m in ("t1", "t1ce", "t2", "flair"): assert m in viewer.inner_text()
+        shot(page, viewer, "attention_viewer.png")
+        _, after = slide_and_redraw(page, viewer)
+        assert f"{after}/" in viewer.inner_text()          # the caption follows the slider
+        shot(page, viewer, "attention_viewer_moved.png")
+    finally:
+        page.close()
+
+
+def test_keypoint_viewer_in_jupyterlab(lab, browser):
+    page = run_notebook(browser, lab, "05_keypoints.ipynb")
+    try:
+        assert_no_errors(page, "05_keypoints")
+        viewer = widget_box(page, has=(".js-plotly-plot", ".widget-slider", "img"))
+        plots = viewer.locator(".js-plotly-plot")
+        assert plots.count() == 2                           # the 3D view and the IoU curve
+        scene = plots.nth(0)
+        scene.locator(".gl-container canvas, canvas").first.wait_for()   # the 3D scene drew through WebGL
+        assert "WebGL is not supported" not in scene.text_content()
+        title = scene.locator(".gtitle")
+        page.wait_for_function("e => /key points, best hull IoU/.test(e.textContent)", arg=title.element_handle())
+        curve_points = plots.nth(1).locator(".scatterlayer .trace").first.locator(".points path")
+        assert curve_points.count() >= 1                   # one dot per candidate hull
+        img = viewer.locator("img").first
+        assert loaded(img)
+        shot(page, viewer, "keypoint_viewer.png")
+        # fewer points: the selection reruns, the 3D title and the IoU line change
+        t_before = title.text_content()
+        before, after = move_slider(page, slider_named(viewer, "n"), presses=5)
+        assert int(after) == int(before) + 5
+        page.wait_for_function("([e, b]) => e.textContent !== b", arg=[title.element_handle(), t_before])
+        assert title.text_content().split(":")[1].strip().startswith(f"{after} key points")
+        # the slice slider redraws the 2D map
+        slide_and_redraw(page, viewer, shot_name="keypoint_viewer_moved.png")
+    finally:
+        page.close()
+
+
+def test_prediction_viewer_in_jupyterlab(lab, browser):
+    page = run_notebook(browser, lab, "09_inference.ipynb")
+    try:
+        assert_no_errors(page, "09_inference")
+        viewer = widget_box(page, has=(".widget-slider", "img", "button:has-text('worst slice')"))
+        img = viewer.locator("img").first
+        assert loaded(img)
+        assert "Dice" in viewer.inner_text() and "FP" in viewer.inner_text()
+        readout = slider_named(viewer, "slice").locator(".widget-readout")
+        worst = viewer.locator("button:has-text('worst slice')")
+        worst.click(); wait_idle(page)
+        at_worst = readout.inner_text().strip()            # the slice with the most FP + FN voxels
+        shot(page, viewer, "prediction_viewer.png")
+        before, _ = slide_and_redraw(page, viewer, shot_name="prediction_viewer_moved.png")
+        assert before.strip() == at_worst
+        worst.click()                                      # and back
+        page.wait_for_function("([e, b]) => e.textContent.trim() === b", arg=[readout.element_handle(), at_worst])
+    finally:
+        page.close()
+
+
+def test_training_curves_in_jupyterlab(lab, browser):
+    page = run_notebook(browser, lab, "08_trainer.ipynb", timeout_s=400)
+    try:
+        assert_no_errors(page, "08_trainer")
+        fig = page.locator(".js-plotly-plot").filter(has_text="validation Dice").first
+        fig.wait_for()
+        loss = fig.locator(".scatterlayer .trace").first.locator(".points path")
+        page.wait_for_function("e => e.querySelectorAll('.scatterlayer .trace')[0].querySelectorAll('.points path').length === 3",
+                               arg=fig.element_handle())
+        assert fig.locator(".legendtext", has_text="Dice WT").count() == 1
+        shot(page, fig, "training_curves.png")
+        # what train(callbacks=[w.update]) does after an epoch: the kernel appends a row, the page redraws
+        assert kernel_exec(page, "w.update(dict(epoch=4, loss=0.5, gdl=0.5, bsc=0.0, val_WT=0.6, val_TC=0.5, val_ET=0.4, val_mean=0.5))") == "ok"
+        page.wait_for_function("e => e.querySelectorAll('.scatterlayer .trace')[0].querySelectorAll('.points path').length === 4",
+                               arg=fig.element_handle())
+        assert loss.count() == 4
+        wait_idle(page)
+        shot(page, fig, "training_curves_updated.png")
     finally:
         page.close()
