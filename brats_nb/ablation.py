@@ -16,20 +16,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import BratsError, REGIONS, find_cases, load_case, normalize
-from .trainer import ARMS, PRESETS, TrainConfig, preset, train, load_model, read_log, split_cases, add_train_options, config_from_args
+from .data import BratsError, REGIONS, find_cases, load_case, normalize, brain_mask
+from .trainer import (ARMS, PRESETS, Dist, TrainConfig, preset, train, train_torchrun, load_model, read_log, split_cases,
+                              add_train_options, config_from_args, _prepare_keypoints)
 
 # %% auto #0
 __all__ = ['METRIC_COLS', 'evaluate_run', 'n_parameters', 'run_ablation', 'summarize', 'write_table', 'plot_ablation', 'add_cli']
 
 # %% ../nbs/11_ablation.ipynb #9399cb65
 @torch.no_grad()
-def evaluate_run(run_dir, cfg: TrainConfig, device="cpu"):
-    "Mean Dice and HD95 per region of a run's best checkpoint on its validation cases."
+def evaluate_run(run_dir, cfg: TrainConfig, device="cpu", checkpoint="latest.pt"):
+    "Mean Dice and HD95 per region of a run's final checkpoint (or `checkpoint`) on its validation cases."
     from brats_nb.inference import predict_volume, argmax_classes
     from brats_nb.metrics import region_metrics, _flat
     from brats_nb.data import classes_to_labels
-    model, _ = load_model(Path(run_dir) / "best.pt", device=device)
+    model, _ = load_model(Path(run_dir) / checkpoint, device=device)
     from brats_nb.synth import samples_dir
     cases = find_cases(cfg.data or samples_dir())
     if cfg.max_cases: cases = cases[: cfg.max_cases]
@@ -37,7 +38,7 @@ def evaluate_run(run_dir, cfg: TrainConfig, device="cpu"):
     rows = []
     for c in val:
         case = load_case(c)
-        pred = np.asarray(argmax_classes(predict_volume(model, normalize(case.image), device=device)))
+        pred = np.asarray(argmax_classes(predict_volume(model, normalize(case.image), device=device), brain_mask(case.image)))
         pred = classes_to_labels(pred, case.label_convention)
         rows.append(_flat(region_metrics(pred, case.label, case.spacing, case.label_convention)))
     out = {}
@@ -54,29 +55,68 @@ def n_parameters(cfg: TrainConfig):
     from brats_nb.model import build_model
     return sum(p.numel() for p in build_model(**cfg.model_kwargs()).parameters())
 
-def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(0, 1, 2), quiet=True, log=print):
-    "Train and evaluate every arm for every seed (skipping finished runs); returns the per-run results."
+def _run_one(out, base: TrainConfig, arm, seed, nproc=1, quiet=True, threads=None):
+    "Train (or resume) and evaluate one run; writes and returns its result.json."
+    if threads: torch.set_num_threads(threads)
+    run = Path(out) / f"{arm}_seed{seed}"
+    cfg = dataclasses.replace(base, variant=arm, seed=seed, out=str(run))
+    t0 = time.perf_counter()
+    resume = (run / "latest.pt").exists()
+    if nproc > 1:
+        rc = train_torchrun(cfg, nproc, resume)
+        if rc != 0: raise BratsError(f"{run}: training under torchrun in {nproc} processes failed (exit code {rc}); "
+                                     "run the same command again to resume it")
+    else:
+        train(cfg, resume=resume, quiet=quiet)
+    rows = read_log(run)
+    res = {"arm": arm, "seed": seed, "params": n_parameters(cfg), "epochs": len(rows),
+           "time_per_epoch_s": float(np.median([r["epoch_s"] for r in rows])), **evaluate_run(run, cfg),
+           "run_s": time.perf_counter() - t0}
+    _write_json(run / "result.json", res)
+    return res
+
+def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(0, 1, 2), quiet=True, log=print, nproc=1, jobs=1):
+    """Train and evaluate every arm for every seed (skipping finished runs); returns the per-run results.
+    With `nproc` > 1 each run trains under torchrun in that many processes (one per GPU); evaluation runs here.
+    With `jobs` > 1 that many runs train at once in separate processes, the CPU's threads shared among them."""
     base = base or preset("cpu")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     unknown = [a for a in arms if a not in ARMS]
     if unknown: raise BratsError(f"unknown arms {unknown}; use some of {list(ARMS)}")
+    if jobs < 1 or nproc < 1: raise BratsError(f"jobs and nproc must be at least 1, got jobs={jobs}, nproc={nproc}")
+    if jobs > 1 and nproc > 1: raise BratsError("use either jobs (several runs at once) or nproc (one run on several processes), not both")
     base.save(out / "base_config.json")
-    results = []
-    for seed in seeds:
-        for arm in arms:
-            run = out / f"{arm}_seed{seed}"
-            done = run / "result.json"
-            if done.exists():
-                results.append(json.loads(done.read_text())); log(f"{run.name}: done before, skipped"); continue
-            cfg = dataclasses.replace(base, variant=arm, seed=seed, out=str(run))
-            t0 = time.perf_counter()
-            train(cfg, resume=(run / "latest.pt").exists(), quiet=quiet)
-            rows = read_log(run)
-            res = {"arm": arm, "seed": seed, "params": n_parameters(cfg), "epochs": len(rows),
-                   "time_per_epoch_s": float(np.median([r["epoch_s"] for r in rows])), **evaluate_run(run, cfg)}
-            _write_json(done, res); results.append(res)
-            log(f"{run.name}: {time.perf_counter() - t0:.0f} s, mean Dice {np.mean([res[f'Dice_{r}'] for r in REGIONS]):.3f}")
-    return results
+    order = [(arm, seed) for seed in seeds for arm in arms]
+    done = {}
+    for arm, seed in order:
+        f = out / f"{arm}_seed{seed}" / "result.json"
+        if f.exists(): done[arm, seed] = json.loads(f.read_text()); log(f"{arm}_seed{seed}: done before, skipped")
+    todo = [k for k in order if k not in done]
+    def report(res): log(f"{res['arm']}_seed{res['seed']}: {res['run_s']:.0f} s, mean Dice {np.mean([res[f'Dice_{r}'] for r in REGIONS]):.3f}")
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        bsc = [dataclasses.replace(base, variant=a) for a, _ in todo]
+        if any(cfg.uses_bsc for cfg in bsc):  # key point maps once, here, rather than by two jobs at the same time
+            from brats_nb.synth import samples_dir
+            cases = find_cases(base.data or samples_dir())
+            if base.max_cases: cases = cases[: base.max_cases]
+            _prepare_keypoints(base, split_cases(cases, base.val_fraction, base.split_seed)[0], Dist())
+        threads = max(1, torch.get_num_threads() // jobs)
+        pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"))
+        try:
+            futs = {pool.submit(_run_one, out, base, a, s, 1, True, threads): (a, s) for a, s in todo}
+            for f in as_completed(futs):
+                done[futs[f]] = res = f.result(); report(res)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; a rerun resumes the rest
+            raise
+        pool.shutdown()
+    else:
+        for a, s in todo:
+            done[a, s] = res = _run_one(out, base, a, s, nproc, quiet); report(res)
+    return [done[k] for k in order]
+
 
 # %% ../nbs/11_ablation.ipynb #16965236
 from .metrics import METRIC_COLUMNS
@@ -119,9 +159,14 @@ def plot_ablation(out, results, arms=tuple(ARMS)):
         logs = [read_log(out / f"{arm}_seed{r['seed']}") for r in results if r["arm"] == arm]
         if not logs: continue
         n = min(len(l) for l in logs)
-        y = np.nanmean([[l[i]["val_mean"] for i in range(n)] for l in logs], 0)
-        ax.plot(range(1, n + 1), y, ".-", label=arm)
-    ax.set_xlabel("epoch"); ax.set_ylabel("validation mean Dice"); ax.legend(fontsize=8); ax.set_title("validation curves (mean over seeds)")
+        v = np.array([[l[i]["val_mean"] for i in range(n)] for l in logs], float)   # seeds x epochs, NaN between validations
+        keep = ~np.isnan(v).all(0)
+        if not keep.any(): continue
+        x, y, s = np.arange(1, n + 1)[keep], np.nanmean(v[:, keep], 0), np.nanstd(v[:, keep], 0)
+        line, = ax.plot(x, y, ".-", label=arm)
+        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("epoch"); ax.set_ylabel("validation mean Dice"); ax.legend(fontsize=8)
+    ax.set_title("validation curves (mean ± std over seeds)")
     fig.tight_layout(); fig.savefig(out / "curves.png", dpi=100)
     rows = summarize(results, arms)
     fig2, ax2 = plt.subplots(figsize=(7, 3.5))
@@ -143,10 +188,12 @@ def add_cli(sub):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--config", help="a JSON training configuration to start from")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="starting configuration (default: cpu)")
+    p.add_argument("--nproc", type=int, default=1, help="train each run in this many processes under torchrun (one per GPU)")
+    p.add_argument("--jobs", type=int, default=1, help="train this many runs at once (CPU: 2 on a 2-core machine is 1.8x faster)")
     add_train_options(p, skip=("out",))  # each run's folder is OUT/<arm>_seed<k>
     def run(a):
         cfg = config_from_args(a)
-        res = run_ablation(a.abl_out, cfg, a.arms, a.seeds, quiet=True)
+        res = run_ablation(a.abl_out, cfg, a.arms, a.seeds, quiet=True, nproc=a.nproc, jobs=a.jobs)
         print(write_table(summarize(res, a.arms), a.abl_out))
         plot_ablation(a.abl_out, res, a.arms)
         print(f"wrote {Path(a.abl_out).resolve()}/ablation.csv, ablation.md, curves.png, bars.png")

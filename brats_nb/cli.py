@@ -75,7 +75,7 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", log=prin
     cfg = preset("cpu", data=str(root), out=str(out / "run"), variant=variant, **({"epochs": epochs} if epochs else {}))
     log(f"training the '{variant}' arm on {len(cases)} cases from {root} for {cfg.epochs} epochs on the CPU ...")
     train(cfg, resume=(out / "run" / "latest.pt").exists())
-    model, _ = load_model(out / "run" / "best.pt")
+    model, _ = load_model(out / "run" / "latest.pt")  # the final model: best.pt was chosen on these very cases
     _, val = split_cases(cases, cfg.val_fraction, cfg.split_seed)
     pred_dir = out / "predictions"; pred_dir.mkdir(exist_ok=True)
     for c in val:

@@ -20,8 +20,8 @@ import torch
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES', 'BratsError', 'CaseFiles',
            'case_files', 'find_cases', 'detect_label_convention', 'check_label_values', 'Case', 'load_case',
            'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask',
-           'normalize', 'overlay_rgb', 'show_case', 'slice_viewer', 'training_transforms', 'load_extra', 'BratsDataset',
-           'save_nifti']
+           'normalize', 'overlay_rgb', 'show_case', 'slice_controls', 'slice_viewer', 'training_transforms',
+           'load_extra', 'BratsDataset', 'save_nifti']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -285,14 +285,31 @@ def _png(rgb, scale=2):
     buf = io.BytesIO(); Image.fromarray(a).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
+def slice_controls(case, axis, redraw):
+    """The axis dropdown and slice slider that every viewer shares. The slider starts at the tumour's centre;
+    a new axis resets its range and centre. Both call `redraw()` when they change (once per change)."""
+    import ipywidgets as W
+    centre = _tumour_centre(case)
+    ax_dd = W.Dropdown(options=list(AXES), value=axis, description="axis")
+    sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice", continuous_update=True)
+
+    def on_axis(change):
+        a = AXES[change["new"]]
+        sl.unobserve(on_slice, "value")        # one redraw for the new axis, not one per trait
+        sl.max = case.shape[a] - 1; sl.value = centre[a]
+        sl.observe(on_slice, "value")
+        redraw()
+
+    def on_slice(_): redraw()
+    ax_dd.observe(on_axis, "value"); sl.observe(on_slice, "value")
+    return ax_dd, sl
+
 def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
     "A widget to browse a case: axis, slice, modality and the label overlay. Returns the widget."
     import ipywidgets as W
     if not isinstance(case, Case): case = load_case(case)
     win = _windowed(case.image)
-    centre = _tumour_centre(case)
-    ax_dd = W.Dropdown(options=list(AXES), value=axis, description="axis")
-    sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice", continuous_update=True)
+    ax_dd, sl = slice_controls(case, axis, lambda: draw())
     mod_dd = W.Dropdown(options=list(case.modalities), value=modality, description="modality")
     ov = W.Checkbox(value=overlay and case.label is not None, description="labels", disabled=case.label is None)
     img = W.Image(format="png", layout=W.Layout(max_width="520px", width="100%"))
@@ -307,14 +324,7 @@ def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
                                                         zip(LABEL_COLORS, (1, 2, _et(case.label_convention))))
         info.value = f"<b>{case.name}</b> · {ax_dd.value} {sl.value}/{sl.max}{counts}"
 
-    def on_axis(change):
-        a = AXES[change["new"]]
-        with sl.hold_trait_notifications():
-            sl.max = case.shape[a] - 1; sl.value = centre[a]
-        draw()
-
-    ax_dd.observe(on_axis, "value")
-    for w in (sl, mod_dd, ov): w.observe(draw, "value")
+    for w in (mod_dd, ov): w.observe(draw, "value")
     draw()
     box = W.VBox([W.HBox([ax_dd, mod_dd, ov]), sl, img, info])
     box.controls = dict(axis=ax_dd, slice=sl, modality=mod_dd, overlay=ov)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import (BratsError, Case, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
-                           classes_to_labels, save_nifti, overlay_rgb, _windowed, _take, _png, _tumour_centre, _et)
+                           classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, _windowed, _take, _png,
+                           _tumour_centre, _et)
 
 # %% auto #0
 __all__ = ['ERROR_COLORS', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'argmax_classes', 'predict_case',
@@ -101,24 +102,29 @@ def postprocess_et(label, threshold=500, et_value=3, new_value=1):
     return out
 
 # %% ../nbs/09_inference.ipynb #3a8ddaea
-def argmax_classes(probs):
-    "The most probable class per voxel, uint8 NumPy (as `probs.argmax(0)`, ties to the lower class, but fast on CPU)."
+def argmax_classes(probs, mask=None):
+    "The most probable class per voxel, uint8 NumPy (as `probs.argmax(0)`, ties to the lower class, but fast on CPU); 0 outside `mask`."
     p = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
     best, out = p[0].copy(), np.zeros(p.shape[1:], np.uint8)
     for c in range(1, p.shape[0]):
         m = p[c] > best
         out[m] = c; np.maximum(best, p[c], out=best)
+    if mask is not None:
+        if mask.shape != out.shape: raise BratsError(f"the brain mask has shape {tuple(mask.shape)}, the prediction {out.shape}")
+        out[~np.asarray(mask, bool)] = 0
     return out
 
 def predict_case(model, case, out_path=None, tta=False, sliding_window=False, postprocess=True, et_threshold=500,
-                 convention=None, roi_size=128, overlap=0.5, sw_batch_size=1, device=None, amp=False, return_probs=False):
-    "Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path` if given."
+                 convention=None, roi_size=128, overlap=0.5, sw_batch_size=1, device=None, amp=False, return_probs=False,
+                 mask_background=True):
+    """Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path` if given.
+    With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network says."""
     if not isinstance(case, Case): case = load_case(case)
     convention = convention or case.label_convention
     _et(convention)
     probs = predict_volume(model, normalize(case.image), tta=tta, sliding_window=sliding_window, roi_size=roi_size,
                            overlap=overlap, sw_batch_size=sw_batch_size, device=device, amp=amp)
-    classes = argmax_classes(probs)
+    classes = argmax_classes(probs, brain_mask(case.image) if mask_background else None)
     if postprocess: classes = postprocess_et(classes, et_threshold)
     label = classes_to_labels(classes, convention).astype(np.uint8)
     if out_path is not None: save_nifti(label, out_path, case.affine, case.header, dtype=np.uint8)
@@ -174,10 +180,8 @@ def prediction_viewer(case, prediction, region="WT", axis="axial", pred_conventi
     from brats_nb.metrics import dice
     case, prediction, pred_r, gt_r, pconv = _prediction_inputs(case, prediction, pred_convention)
     flair = _windowed(case.image)[case.modalities.index("flair")]
-    centre = _tumour_centre(case)
-    ax_dd = W.Dropdown(options=list(AXES), value=axis, description="axis")
+    ax_dd, sl = slice_controls(case, axis, lambda: draw())
     reg_dd = W.Dropdown(options=list(REGIONS), value=region, description="region")
-    sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice")
     worst = W.Button(description="worst slice", tooltip="jump to the slice with the most FP + FN voxels")
     img = W.Image(format="png", layout=W.Layout(max_width="900px", width="100%"))
     info = W.HTML()
@@ -196,19 +200,12 @@ def prediction_viewer(case, prediction, region="WT", axis="axial", pred_conventi
                       f"<span style='color:#3c3'>TP {tp}</span> <span style='color:#f33'>FP {fp}</span> "
                       f"<span style='color:#38f'>FN {fn}</span> · Dice {reg_dd.value} (volume) {dices[reg_dd.value]:.3f}")
 
-    def on_axis(change):
-        a = AXES[change["new"]]
-        with sl.hold_trait_notifications():
-            sl.max = case.shape[a] - 1; sl.value = centre[a]
-        draw()
-
     def on_worst(*_):
         r = REGIONS.index(reg_dd.value)
         fp, fn = _errors_per_slice(pred_r[r], gt_r[r], AXES[ax_dd.value])
         sl.value = int(np.argmax(fp + fn))
 
-    ax_dd.observe(on_axis, "value")
-    for w in (sl, reg_dd): w.observe(draw, "value")
+    reg_dd.observe(draw, "value")
     worst.on_click(on_worst)
     draw()
     box = W.VBox([W.HBox([ax_dd, reg_dd, worst]), sl, img, info])
@@ -265,6 +262,7 @@ def add_cli(sub):
     p.add_argument("--overlap", type=float, default=0.5, help="sliding window overlap in [0, 1) (default 0.5)")
     p.add_argument("--et-threshold", type=int, default=500, help="fewer predicted ET voxels than this become label 1 (default 500; 0 disables)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the ET post-processing")
+    p.add_argument("--no-brain-mask", action="store_true", help="keep tumour labels outside the brain (voxels where every modality is 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on a GPU")
     p.add_argument("--variant", default=None, help="refuse a checkpoint of another variant")
@@ -278,6 +276,7 @@ def add_cli(sub):
               f"{'8-flip TTA' if a.tta else 'no TTA'}, {'sliding window ' + str(a.roi_size) if a.sliding_window else 'whole volume'}")
         paths = predict_folder(model, a.data_dir, a.out, tta=a.tta, sliding_window=a.sliding_window, roi_size=a.roi_size,
                                overlap=a.overlap, postprocess=not a.no_postprocess, et_threshold=a.et_threshold,
+                               mask_background=not a.no_brain_mask,
                                device=device, amp=a.amp)
         print(f"wrote {len(paths)} predictions to {Path(a.out).resolve()}")
     p.set_defaults(func=run)

@@ -599,10 +599,9 @@ def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis=
     def draw(*_):
         if "r" not in state: return
         a, i, r = AXES[axis], state["i"], state["r"]
-        maps = [np.zeros(case.shape, np.uint8)] * 3; maps = list(maps); maps[i] = r["map"]
-        rgb = keypoint_overlay(_take(win[3], a, sl.value), [_take(regions[k], a, sl.value) if k == i else
-                                                            np.zeros_like(_take(regions[k], a, sl.value)) for k in range(3)],
-                               [_take(m, a, sl.value) for m in maps])
+        region2d, map2d = _take(regions[i], a, sl.value), _take(r["map"], a, sl.value)   # one slice, never the volume
+        rgb = keypoint_overlay(_take(win[3], a, sl.value), [region2d if k == i else np.zeros_like(region2d) for k in range(3)],
+                               [map2d if k == i else np.zeros_like(map2d) for k in range(3)])
         img.value = _png(rgb, scale)
 
     def on_region(ch):

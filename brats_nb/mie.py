@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import BratsError, Case, MODALITIES, load_case, normalize, _windowed, _take, _png, _tumour_centre, AXES
+from .data import BratsError, Case, MODALITIES, load_case, normalize, _windowed, _take, _png, _tumour_centre, slice_controls, AXES
 
 # %% auto #0
 __all__ = ['NORMS', 'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer', 'act_layer', 'SCSE', 'MIE', 'mie_attention',
@@ -176,9 +176,7 @@ def attention_viewer(case, model, axis="axial", modality="flair", stretch=True, 
     if not isinstance(case, Case): case = load_case(case)
     att = mie_attention(case, model)
     win = _windowed(case.image)
-    centre = _tumour_centre(case)
-    ax_dd = W.Dropdown(options=list(AXES), value=axis, description="axis")
-    sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice")
+    ax_dd, sl = slice_controls(case, axis, lambda: draw())
     mod_dd = W.Dropdown(options=list(case.modalities), value=modality, description="modality")
     st = W.Checkbox(value=stretch, description="stretch colours")
     img, bars, info = W.Image(format="png", layout=W.Layout(max_width="760px", width="100%")), W.HTML(), W.HTML()
@@ -196,14 +194,7 @@ def attention_viewer(case, model, axis="axial", modality="flair", stretch=True, 
         info.value = (f"<b>{case.name}</b> · {ax_dd.value} {sl.value}/{sl.max} · {mod_dd.value} | q(v) | overlay · "
                       f"map range {att['spatial'].min():.3f} to {att['spatial'].max():.3f}")
 
-    def on_axis(change):
-        a = AXES[change["new"]]
-        with sl.hold_trait_notifications():
-            sl.max = case.shape[a] - 1; sl.value = centre[a]
-        draw()
-
-    ax_dd.observe(on_axis, "value")
-    for w in (sl, mod_dd, st): w.observe(draw, "value")
+    for w in (mod_dd, st): w.observe(draw, "value")
     draw()
     box = W.VBox([W.HBox([ax_dd, mod_dd, st]), sl, img, info, bars])
     box.controls = dict(axis=ax_dd, slice=sl, modality=mod_dd, stretch=st)

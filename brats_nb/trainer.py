@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import BratsDataset, BratsError, find_cases, load_case, normalize, labels_to_regions, REGIONS
+from .data import BratsDataset, BratsError, find_cases, load_case, normalize, labels_to_regions, brain_mask, REGIONS
 
 # %% auto #0
 __all__ = ['ARMS', 'PRESETS', 'CHECKPOINT_FORMAT', 'LOG_FIELDS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist',
            'setup_distributed', 'pick_device', 'EpochSampler', 'split_cases', 'save_checkpoint', 'read_checkpoint',
            'load_model', 'amp_setup', 'validate', 'read_log', 'train', 'curve_widget', 'plot_curves',
-           'config_from_args', 'add_train_options', 'add_cli', 'bench_train', 'format_table', 'add_bench_cli']
+           'config_from_args', 'add_train_options', 'train_torchrun', 'add_cli', 'bench_train', 'format_table',
+           'add_bench_cli']
 
 # %% ../nbs/08_trainer.ipynb #46b5effc
 ARMS = {"dmfnet": ("dmfnet", False), "mie": ("mie", False), "sie": ("sie", False), "bsc": ("dmfnet", True), "all": ("all", True)}
@@ -97,7 +98,7 @@ class TrainConfig:
 
 PRESETS = {
     "paper": {},
-    "cpu": dict(channels=8, mid_channels=16, groups=4, crop_size=48, batch_size=2, epochs=20, workers=0, cache=True,
+    "cpu": dict(channels=8, mid_channels=16, groups=4, norm="group", crop_size=48, batch_size=2, epochs=20, workers=0, cache=True,
                 samples_per_case=2, lr=3e-3, val_every=2),
 }
 
@@ -239,7 +240,7 @@ def validate(model, cases, device, autocast=nullcontext):
     for c in cases:
         case = load_case(c)
         probs = predict_volume(model, normalize(case.image), device=device, amp=autocast is not nullcontext)
-        pred = np.asarray(argmax_classes(probs))
+        pred = np.asarray(argmax_classes(probs, brain_mask(case.image)))
         pred_regions = labels_to_regions(pred, "brats2023")  # class 3 is ET
         gt_regions = labels_to_regions(case.label, case.label_convention)
         scores.append([dice(p, g) for p, g in zip(pred_regions, gt_regions)])
@@ -449,6 +450,15 @@ def add_train_options(p, skip=()):
         g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_CONVERT[str(f.type)], default=None,
                        metavar=str(f.type).upper(), help=f"default {f.default!r}")
 
+def train_torchrun(cfg: TrainConfig, nproc: int, resume=False):
+    "Train `cfg` in `nproc` processes started by torchrun (one per GPU with NCCL, or CPU processes with gloo); returns the exit code."
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save(Path(tmp) / "config.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--no-python",
+               sys.executable, "-c", "import sys; from brats_nb.cli import main; sys.exit(main())",
+               "train", "--config", str(Path(tmp) / "config.json"), *(["--resume"] if resume else [])]
+        return subprocess.call(cmd)
+
 def add_cli(sub):
     "Register `brats-nb train`."
     p = sub.add_parser("train", help="train a model (the paper's recipe by default)",
@@ -461,12 +471,7 @@ def add_cli(sub):
     def run(a):
         cfg = config_from_args(a)
         if a.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun with this very configuration
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg.save(Path(tmp) / "config.json")
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "--no-python",
-                       sys.executable, "-c", "import sys; from brats_nb.cli import main; sys.exit(main())",
-                       "train", "--config", str(Path(tmp) / "config.json"), *(["--resume"] if a.resume else [])]
-                return subprocess.call(cmd)
+            return train_torchrun(cfg, a.nproc, a.resume)
         s = train(cfg, resume=a.resume)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"done: {s['out']} (best mean validation Dice {s['best_val_mean']:.4f})")

@@ -65,6 +65,26 @@ def test_ablation_end_to_end_and_resume(tmp_path):
     assert "| dmfnet |" in r.stdout and "| all |" in r.stdout
     r = run("ablation", "--out", str(out), "--arms", "unet")
     assert r.returncode == 2
+    # --jobs 2: the same two runs trained at once in two processes give the same results as one after the other
+    par = tmp_path / "abl_jobs"
+    r = run("ablation", "--out", str(par), "--arms", "dmfnet", "all", "--seeds", "0", "--epochs", "1", "--jobs", "2", *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = list(csv.DictReader(open(par / "ablation.csv")))
+    for a, b in zip(table, again):
+        assert a["arm"] == b["arm"] and a["Dice_WT"] == b["Dice_WT"] and a["HD95_ET"] == b["HD95_ET"], (a, b)
+    assert run("ablation", "--out", str(par), "--jobs", "2", "--nproc", "2").returncode == 2
+
+
+def test_ablation_in_two_processes(tmp_path):
+    "--nproc: each run trains under real torchrun (2 CPU processes, gloo); the parent evaluates and writes the table."
+    out = tmp_path / "abl"
+    r = run("ablation", "--out", str(out), "--arms", "dmfnet", "--seeds", "0", "--epochs", "1", "--nproc", "2", *TINY, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "dmfnet_seed0" / "metrics.csv")))
+    assert len(rows) == 1 and rows[0]["world"] == "2"          # one row, written by rank 0 of a world of 2
+    table = list(csv.DictReader(open(out / "ablation.csv")))
+    assert [row["arm"] for row in table] == ["dmfnet"] and 0 <= float(table[0]["Dice_WT"]) <= 1
+    assert run("ablation", "--out", str(out), "--nproc", "0").returncode == 2
 
 
 def test_bench_train_smoke():

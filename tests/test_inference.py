@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from brats_nb.cli import main
-from brats_nb.data import BratsError, find_cases, labels_to_regions, load_case, normalize, save_nifti
+from brats_nb.data import BratsError, brain_mask, find_cases, labels_to_regions, load_case, normalize, save_nifti
 from brats_nb.inference import (benchmark_inference, format_inference_bench, postprocess_et, predict_case, predict_folder,
                                 predict_volume, prediction_viewer, show_prediction, tta_flips, pad_to_multiple,
                                 ERROR_COLORS)
@@ -160,7 +160,12 @@ def test_predict_case_nifti_round_trip(tmp_path):
     assert img.header.get_zooms() == case.header.get_zooms() and img.get_data_dtype() == np.uint8
     assert np.array_equal(np.asanyarray(img.dataobj), label)
     classes = probs.argmax(0).numpy()
+    brain = brain_mask(case.image)
+    assert (classes[~brain] > 0).any()                                    # the untrained network labels the background...
+    classes[~brain] = 0                                                   # ...which predict_case sets to 0
     assert np.array_equal(label, np.where(classes == 3, 4, classes))      # BraTS 2017 labels: ET = 4
+    raw = predict_case(m, case, postprocess=False, mask_background=False)
+    assert np.array_equal(raw[brain], label[brain]) and not np.array_equal(raw, label)
     assert sorted(p.name for p in out.parent.iterdir()) == ["Synth_001.nii.gz"]
     # the 2023 naming and a non-diagonal affine with anisotropic spacing
     aff = np.array([[0, -1.2, 0, 30], [0.9, 0, 0, -20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
@@ -185,6 +190,7 @@ def test_predict_case_real_shapes(real_case_dir, tmp_path):
     # the label map is the argmax of the probabilities, ET (class 3) written as 4 (BraTS 2018)
     assert probs.shape == (4, 240, 240, 155)
     classes = probs.argmax(0).numpy()
+    classes[~brain_mask(case.image)] = 0                                   # nothing outside the brain
     assert np.array_equal(label, np.where(classes == 3, 4, classes))
 
 
@@ -224,6 +230,13 @@ def test_predict_and_evaluate_commands_on_samples(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "ck.pt"), str(data / "Synth_000"), "--out", str(tmp_path / "sw"),
                  "--sliding-window", "--roi-size", "64", "--no-postprocess"]) == 0
     assert (tmp_path / "sw" / "Synth_000.nii.gz").is_file()
+    # --no-brain-mask keeps what the network says outside the brain
+    assert main(["predict", str(tmp_path / "ck.pt"), str(data / "Synth_000"), "--out", str(tmp_path / "nomask"), "--no-brain-mask"]) == 0
+    masked = np.asanyarray(nib.load(str(out / "Synth_000.nii.gz")).dataobj)
+    unmasked = np.asanyarray(nib.load(str(tmp_path / "nomask" / "Synth_000.nii.gz")).dataobj)
+    brain = brain_mask(load_case(data / "Synth_000").image)
+    assert not masked[~brain].any()
+    assert np.array_equal(unmasked, predict_case(model, data / "Synth_000", mask_background=False))
     capsys.readouterr()
 
 
