@@ -82,12 +82,26 @@ def lab(tmp_path_factory):
         if proc.poll() is not None: pytest.fail("JupyterLab exited:\n" + (cfg / "server.log").read_text()[-3000:])
         yield url, token
     finally:
+        try:
+            kernels = json.load(urllib.request.urlopen(f"{url}/api/kernels?token={token}", timeout=5))
+            for k in kernels:
+                req = urllib.request.Request(f"{url}/api/kernels/{k['id']}?token={token}", method="DELETE")
+                urllib.request.urlopen(req, timeout=10)
+        except Exception:
+            pass  # the server is already gone; the sweep below still finds its kernels
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try: os.killpg(proc.pid, sig)
             except ProcessLookupError: break
             try: proc.wait(timeout=8); break
             except subprocess.TimeoutExpired: continue
         log.close()
+        runtime = str(cfg / "runtime")   # any kernel of this server still alive: its command line names our runtime dir
+        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+            try: cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+            except OSError: continue
+            if runtime in cmdline and "ipykernel" in cmdline:
+                try: os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError: pass
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +117,14 @@ def run_notebook(browser, lab, name, timeout_s=240):
     url, token = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(timeout_s * 1000)
-    page.goto(f"{url}/lab/tree/nbs/{name}?token={token}")
+    # a workspace of its own, reset: else Lab restores the notebooks that earlier tests opened, beside this one
+    page.goto(f"{url}/lab/workspaces/{Path(name).stem}/tree/nbs/{name}?reset&token={token}")
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext", polling=500)
     page.wait_for_function("""() => { const s = window.jupyterapp.shell.currentWidget.sessionContext;
                                return s.isReady && s.session && s.session.kernel && s.session.kernel.status === 'idle'; }""", polling=500)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.evaluate("""(ms) => Promise.race([window.jupyterapp.commands.execute('notebook:run-all-cells'),
+                       new Promise((_, fail) => setTimeout(() => fail(new Error('run-all-cells did not return')), ms))])""",
+                  timeout_s * 1000)
     wait_idle(page)
     return page
 
@@ -116,7 +133,8 @@ def wait_idle(page, quiet_ms=1500):
     "Wait until the kernel has stayed idle for `quiet_ms`."
     page.wait_for_function(f"""() => {{
         const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
-        const busy = document.querySelectorAll('.jp-InputArea-prompt').length && Array.from(document.querySelectorAll('.jp-InputArea-prompt')).some(e => e.textContent.includes('*'));
+        const prompts = window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-InputArea-prompt');
+        const busy = Array.from(prompts).some(e => e.textContent.includes('*'));
         const now = Date.now();
         if (k.status !== 'idle' || busy) {{ window.__idleSince = undefined; return false; }}
         if (window.__idleSince === undefined) window.__idleSince = now;
