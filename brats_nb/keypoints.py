@@ -564,15 +564,15 @@ def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis=
     rs = W.IntSlider(value=radius if radius is not None else DEFAULTS["radius"][ri], min=0, max=5, description="R", continuous_update=False)
     sd = W.IntText(value=seed, description="seed", layout=W.Layout(width="160px"))
     sl = W.IntSlider(value=0, min=0, max=case.shape[AXES[axis]] - 1, description="slice")
-    f3 = go.FigureWidget(layout=dict(height=420, margin=dict(l=0, r=0, t=30, b=0), title="surface and key points",
+    f3 = go.FigureWidget(layout=dict(width=520, height=420, margin=dict(l=0, r=0, t=30, b=0), title="surface and key points",
                                      scene=dict(aspectmode="data")))
     f3.add_mesh3d(x=[], y=[], z=[], i=[], j=[], k=[], opacity=0.25, color="gray", name="surface")
     f3.add_scatter3d(x=[], y=[], z=[], mode="markers", marker=dict(size=3, color="crimson"), name="key points")
-    fc = go.FigureWidget(layout=dict(height=260, margin=dict(l=40, r=10, t=30, b=40), title="best IoU against t",
+    fc = go.FigureWidget(layout=dict(width=420, height=260, margin=dict(l=40, r=10, t=30, b=40), title="best IoU against t",
                                      xaxis_title="candidate", yaxis_title="IoU"))
     fc.add_scatter(x=[], y=[], mode="markers", marker=dict(size=4, color="lightgray"), name="each candidate")
     fc.add_scatter(x=[], y=[], mode="lines", line=dict(color="crimson"), name="best so far")
-    img = W.Image(format="png", layout=W.Layout(max_width="480px", width="100%"))
+    img = W.Image(format="png", layout=W.Layout(max_width="420px", width="100%"))
     info = W.HTML()
     state = {}
 
@@ -616,7 +616,7 @@ def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis=
     for w in (ns, ts, rs, sd): w.observe(select, "value")
     sl.observe(draw, "value")
     select()
-    box = W.VBox([W.HBox([dd, sd]), W.HBox([ns, ts, rs]), info, W.HBox([f3, W.VBox([fc, sl, img])])])
+    box = W.VBox([W.HBox([dd, sd]), W.HBox([ns, ts, rs]), info, W.HBox([f3, W.VBox([fc, sl, img])], layout=W.Layout(flex_flow="row wrap"))])
     box.controls = dict(region=dd, n=ns, t=ts, radius=rs, seed=sd, slice=sl)
     box.figure3d, box.curve, box.image, box.info, box.state, box.case = f3, fc, img, info, state, case
     return box
