@@ -383,6 +383,7 @@ class BratsDataset(torch.utils.data.Dataset):
         if case.label is None: raise BratsError(f"{self.cases[i]}: has no label file; it cannot be used for training")
         d = dict(image=normalize(case.image), label=labels_to_classes(case.label, case.label_convention)[None].astype(np.float32))
         for k in self.extra: d[k] = load_extra(case.files, k, case.shape)
+        d = {k: np.ascontiguousarray(v) for k, v in d.items()}  # NIfTI data come in Fortran order; MONAI would copy them per crop
         if self.cache: self._cache[i] = d
         return d
 

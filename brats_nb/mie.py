@@ -72,10 +72,12 @@ class SCSE(nn.Module):
 
 # %% ../nbs/02_mie.ipynb #24483051
 class MIE(nn.Module):
-    "Modality information extraction: (grouped conv, norm, act) twice, then scSE. Output has `in_channels` channels."
+    """Modality information extraction: (grouped conv, norm, act) twice, then scSE. Output has `in_channels` channels.
+    `residual=True` (not in the paper) adds the input back: x + MIE(x), so the contrasts always reach the backbone."""
     def __init__(self, in_channels=4, features=4, norm="batch", act="relu", spatial_dims=3, per_modality=True,
-                 kernel_size=3, reduction=2, keep_attention=True):
+                 kernel_size=3, reduction=2, keep_attention=True, residual=False):
         super().__init__()
+        self.residual = residual
         Conv, norm = conv_class(spatial_dims), check_norm(norm)
         hidden, bias = in_channels * features, norm is None
         self.in_channels, self.per_modality = in_channels, per_modality
@@ -89,9 +91,9 @@ class MIE(nn.Module):
     def forward(self, x):
         if x.shape[1] != self.in_channels:
             raise BratsError(f"MIE expects {self.in_channels} input channels, got input of shape {tuple(x.shape)}")
-        x = self.act1(self.norm1(self.conv1(x)))
-        x = self.act2(self.norm2(self.conv2(x)))
-        return self.scse(x)
+        u = self.act1(self.norm1(self.conv1(x)))
+        u = self.scse(self.act2(self.norm2(self.conv2(u))))
+        return x + u if self.residual else u
 
     @property
     def last_channel_weights(self):

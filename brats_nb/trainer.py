@@ -28,9 +28,9 @@ from .data import BratsDataset, BratsError, find_cases, load_case, normalize, la
 # %% auto #0
 __all__ = ['ARMS', 'PRESETS', 'CHECKPOINT_FORMAT', 'LOG_FIELDS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist',
            'setup_distributed', 'pick_device', 'EpochSampler', 'split_cases', 'save_checkpoint', 'read_checkpoint',
-           'load_model', 'amp_setup', 'validate', 'read_log', 'train', 'curve_widget', 'plot_curves',
-           'config_from_args', 'add_train_options', 'train_torchrun', 'add_cli', 'bench_train', 'format_table',
-           'add_bench_cli']
+           'use_channels_last', 'load_model', 'amp_setup', 'validate', 'read_log', 'train', 'curve_widget',
+           'plot_curves', 'config_from_args', 'add_train_options', 'train_torchrun', 'add_cli', 'bench_train',
+           'format_table', 'add_bench_cli']
 
 # %% ../nbs/08_trainer.ipynb #46b5effc
 ARMS = {"dmfnet": ("dmfnet", False), "mie": ("mie", False), "sie": ("sie", False), "bsc": ("dmfnet", True), "all": ("all", True)}
@@ -45,6 +45,7 @@ class TrainConfig:
     mid_channels: int = 128     # network width: DMF channels
     groups: int = 16            # multi-fiber groups
     norm: str = "batch"         # normalisation layer of the network
+    mie_residual: bool = False  # x + MIE(x) instead of the paper's MIE(x) (arms mie and all; see notebook 02)
     crop_size: int = 128        # training crop edge, voxels
     batch_size: int = 8         # crops per step (over all processes)
     epochs: int = 500
@@ -60,6 +61,7 @@ class TrainConfig:
     cache: bool = False         # keep normalised cases in memory (small data sets)
     amp: str = "auto"           # auto (bf16 where supported, else fp16 with a scaler; none on CPU), bf16, fp16, none
     device: str = "auto"        # auto, cpu, cuda
+    channels_last: str = "auto" # memory order of the network: auto (channels-last on the CPU), on, off
     seed: int = 0               # initialisation, crop order and augmentation
     split_seed: int = 0         # the train/validation split (kept apart from `seed`, so that seeds share one split)
     max_cases: int = 0          # use only the first N cases (0: all); for quick trials
@@ -71,12 +73,13 @@ class TrainConfig:
 
     def model_kwargs(self):
         return dict(variant=self.model_variant, in_channels=4, out_channels=4, channels=self.channels,
-                    mid_channels=self.mid_channels, groups=self.groups, norm=self.norm)
+                    mid_channels=self.mid_channels, groups=self.groups, norm=self.norm, mie_residual=self.mie_residual)
 
     def validate(self):
         if self.variant not in ARMS: raise BratsError(f"unknown variant {self.variant!r}; use one of {list(ARMS)}")
         if self.crop_size % 16: raise BratsError(f"crop_size {self.crop_size} must be a multiple of 16")
         if self.amp not in ("auto", "bf16", "fp16", "none"): raise BratsError(f"amp {self.amp!r}: use auto, bf16, fp16 or none")
+        if self.channels_last not in ("auto", "on", "off"): raise BratsError(f"channels_last {self.channels_last!r}: use auto, on or off")
         if self.epochs < 1 or self.batch_size < 1: raise BratsError("epochs and batch_size must be at least 1")
         return self
 
@@ -205,8 +208,14 @@ def read_checkpoint(path, map_location="cpu"):
     return ck
 
 # %% ../nbs/08_trainer.ipynb #219fe5d7
-def load_model(checkpoint, device="cpu", variant=None):
-    "Rebuild the network of a checkpoint and load its weights: returns (model in eval mode, config dict)."
+def use_channels_last(setting, device):
+    "Whether a network should run in channels-last order: `setting` 'on', 'off', or 'auto' (on the CPU only)."
+    if setting not in ("auto", "on", "off"): raise BratsError(f"channels_last {setting!r}: use auto, on or off")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cpu")
+
+def load_model(checkpoint, device="cpu", variant=None, channels_last="auto"):
+    """Rebuild the network of a checkpoint and load its weights: returns (model in eval mode, config dict).
+    `channels_last`: 'auto' (channels-last order on the CPU, where it is faster), 'on' or 'off'."""
     from brats_nb.model import build_model
     ck = read_checkpoint(checkpoint, map_location="cpu")
     config = ck.get("config") or {}
@@ -217,6 +226,7 @@ def load_model(checkpoint, device="cpu", variant=None):
     model = build_model(**mk)
     try: model.load_state_dict(ck["model"])
     except (RuntimeError, KeyError) as e: raise BratsError(f"{checkpoint}: weights do not fit the {mk['variant']!r} network ({str(e)[:200]})") from None
+    if use_channels_last(channels_last, device): model.channels_last()
     return model.to(device).eval(), config
 
 # %% ../nbs/08_trainer.ipynb #77057a8f
@@ -309,6 +319,7 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False):
     if cfg.workers > 0: loader_kw.update(prefetch_factor=2)
 
     model = build_model(**cfg.model_kwargs()).to(device)
+    if use_channels_last(cfg.channels_last, device): model.channels_last()
     if d.on and device.type == "cuda": model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.on else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
@@ -319,7 +330,7 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False):
     start, best = 0, -1.0
     if resume and (out / "latest.pt").exists():
         ck = read_checkpoint(out / "latest.pt")
-        if ck["config"]["model"] != cfg.model_kwargs() or ck["config"]["variant"] != cfg.variant:
+        if {"mie_residual": False, **ck["config"]["model"]} != cfg.model_kwargs() or ck["config"]["variant"] != cfg.variant:
             raise BratsError(f"{out / 'latest.pt'}: a {ck['config']['variant']!r} run with network {ck['config']['model']}; "
                              f"cannot resume it as {cfg.variant!r} with {cfg.model_kwargs()}")
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"]); sched.load_state_dict(ck["scheduler"])

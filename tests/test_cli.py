@@ -63,6 +63,10 @@ def test_ablation_end_to_end_and_resume(tmp_path):
     assert [row["arm"] for row in table] == ["dmfnet", "all"]
     assert float(table[1]["params"]) > float(table[0]["params"])
     assert "| dmfnet |" in r.stdout and "| all |" in r.stdout
+    runs = list(csv.DictReader(open(out / "runs.csv")))                    # one row per run, here one seed per arm
+    assert [(row["arm"], row["seed"]) for row in runs] == [("dmfnet", "0"), ("all", "0")]
+    for row, arm_row in zip(runs, table):
+        assert abs(float(row["Dice_TC"]) - float(arm_row["Dice_TC"])) < 1e-4 and float(row["run_s"]) > 0
     r = run("ablation", "--out", str(out), "--arms", "unet")
     assert r.returncode == 2
     # --jobs 2: the same two runs trained at once in two processes give the same results as one after the other

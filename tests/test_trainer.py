@@ -115,3 +115,40 @@ def test_cli_config_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--poly-power" in capsys.readouterr().out
+
+
+def test_channels_last_checkpoints_load_either_way(tmp_path):
+    "A run trained in channels-last order gives a checkpoint that loads in either order and predicts the same."
+    from brats_nb.data import load_case, normalize
+    from brats_nb.inference import predict_volume
+    r = brats_nb("train", *SMALL, "--epochs", "1", "--channels-last", "on", "--out", str(tmp_path / "cl"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = tmp_path / "cl" / "latest.pt"
+    assert read_checkpoint(ck)["config"]["train"]["channels_last"] == "on"
+    on, _ = load_model(ck, channels_last="on")
+    off, _ = load_model(ck, channels_last="off")
+    assert on.stem.weight.is_contiguous(memory_format=torch.channels_last_3d) and not on.stem.weight.is_contiguous()
+    assert off.stem.weight.is_contiguous()
+    image = normalize(load_case(find_cases(SAMPLES_DIR)[0]).image)
+    p_on, p_off = predict_volume(on, image), predict_volume(off, image)
+    assert p_on.shape == p_off.shape and torch.allclose(p_on, p_off, atol=1e-4)
+    r = brats_nb("train", *SMALL, "--epochs", "1", "--channels-last", "sometimes", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "channels_last 'sometimes'" in r.stderr
+
+
+def test_checkpoint_from_before_mie_residual_still_resumes(tmp_path):
+    "Checkpoints written before the `mie_residual` option have no such key in their network config: they load and resume."
+    out = tmp_path / "old"
+    r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(out / "latest.pt", weights_only=True)
+    assert ck["config"]["model"].pop("mie_residual") is False
+    torch.save(ck, out / "latest.pt")
+    model, _ = load_model(out / "latest.pt")
+    assert model.mie is not None and not model.mie.residual
+    r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "2", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(read_log(out)) == 2
+    # a residual run is a different network: it does not resume the plain one
+    r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "3", "--mie-residual", "true", "--out", str(out), "--resume")
+    assert r.returncode == 2 and "cannot resume" in r.stderr
