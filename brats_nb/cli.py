@@ -67,7 +67,8 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", log=prin
     from brats_nb.synth import samples_dir
     from brats_nb.trainer import preset, train, load_model, plot_curves, split_cases
     from brats_nb.inference import predict_case, show_prediction
-    from brats_nb.metrics import evaluate_folder
+    from brats_nb.metrics import evaluate_folder, whole_brain_dice
+    import numpy as np
     t0 = time.perf_counter()
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     root = Path(data) if data else samples_dir()
@@ -83,9 +84,12 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", log=prin
     log(f"predicted {len(val)} held-out cases with 8-flip TTA")
     rows, summary = evaluate_folder(pred_dir, val, out_csv=out / "metrics.csv")
     log("held-out mean Dice  " + "  ".join(f"{r} {summary['mean'][f'Dice_{r}']:.3f}" for r in ("WT", "TC", "ET")))
+    floor = float(np.mean([whole_brain_dice(c) for c in val]))
+    log(f"(labelling the whole brain as tumour would give WT {floor:.3f}: a WT near that is edema everywhere, "
+        "the failure of short training explained in notebook 06)")
     fig = plot_curves(out / "run"); fig.savefig(out / "curves.png", dpi=90); plt.close(fig)
     case = load_case(val[0])
-    import nibabel as nib, numpy as np
+    import nibabel as nib
     pred = np.asanyarray(nib.load(str(pred_dir / f"{val[0].name}.nii.gz")).dataobj)
     fig = show_prediction(case, pred); fig.savefig(out / "prediction.png", dpi=90); plt.close(fig)
     log(f"done in {time.perf_counter() - t0:.0f} s")

@@ -16,11 +16,12 @@ import torch
 from scipy import ndimage
 
 from .data import (BratsError, REGIONS, find_cases, case_files, load_case, labels_to_regions,
-                           detect_label_convention, _read_nifti)
+                           detect_label_convention, _read_nifti, brain_mask, Case)
 
 # %% auto #0
-__all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'dice', 'surface', 'surface_distances', 'hd95', 'region_metrics', 'summarize',
-           'write_metrics_csv', 'prediction_path', 'load_prediction', 'evaluate_folder', 'format_summary', 'add_cli']
+__all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'dice', 'surface', 'surface_distances', 'hd95', 'region_metrics', 'whole_brain_dice',
+           'summarize', 'write_metrics_csv', 'prediction_path', 'load_prediction', 'evaluate_folder', 'format_summary',
+           'add_cli']
 
 # %% ../nbs/07_metrics.ipynb #100b8444
 HD95_EMPTY = 373.13  # BraTS: the HD95 when exactly one of prediction and ground truth is empty (the diagonal of the volume, mm)
@@ -91,6 +92,13 @@ def region_metrics(pred_label, gt_label, spacing=None, convention="brats2017", p
     pr = labels_to_regions(pred_label, pred_convention or convention)
     gr = labels_to_regions(gt_label, convention)
     return {r: {"dice": dice(pr[i], gr[i]), "hd95": hd95(pr[i], gr[i], spacing, mode=mode)} for i, r in enumerate(REGIONS)}
+
+# %% ../nbs/07_metrics.ipynb #4d0153e2
+def whole_brain_dice(case) -> float:
+    "WT Dice of a prediction that labels the whole brain (every voxel where a modality is non-zero) as tumour."
+    if not isinstance(case, Case): case = load_case(case)
+    if case.label is None: raise BratsError(f"{case.name}: has no label file; there is no WT to compare with")
+    return dice(brain_mask(case.image), case.label > 0)
 
 # %% ../nbs/07_metrics.ipynb #58f14c00
 METRIC_COLUMNS = tuple(f"Dice_{r}" for r in REGIONS) + tuple(f"HD95_{r}" for r in REGIONS)

@@ -1,5 +1,6 @@
 "End to end on the samples: the demo, the ablation (and its resume), the training benchmark, --help everywhere."
 import csv
+import re
 import os
 import subprocess
 import sys
@@ -36,6 +37,8 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = run("demo", "--out", str(out), "--epochs", "2")
     assert r.returncode == 0, r.stderr[-3000:]
+    floor = re.search(r"labelling the whole brain as tumour would give WT (\d\.\d{3})", r.stdout)
+    assert floor and 0 < float(floor.group(1)) < 1, r.stdout[-2000:]
     for f in ("run/best.pt", "run/metrics.csv", "metrics.csv", "curves.png", "prediction.png"):
         assert (out / f).exists(), f
     preds = sorted((out / "predictions").glob("*.nii.gz"))
