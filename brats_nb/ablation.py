@@ -205,6 +205,10 @@ def add_cli(sub):
     add_train_options(p, skip=("out",))  # each run's folder is OUT/<arm>_seed<k>
     def run(a):
         cfg = config_from_args(a)
+        cores = os.cpu_count() or 1
+        if a.jobs == 1 and a.nproc == 1 and cores > 1 and not (cfg.device != "cpu" and torch.cuda.is_available()):
+            print(f"tip: this machine has {cores} cores; --jobs {min(cores, 4)} trains that many runs at once, one thread each "
+                  "(on 2 cores, 1.8 times the throughput)", flush=True)
         res = run_ablation(a.abl_out, cfg, a.arms, a.seeds, quiet=True, nproc=a.nproc, jobs=a.jobs)
         print(write_table(summarize(res, a.arms), a.abl_out))
         write_runs(res, a.abl_out)

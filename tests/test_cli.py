@@ -66,6 +66,7 @@ def test_ablation_end_to_end_and_resume(tmp_path):
     assert [row["arm"] for row in table] == ["dmfnet", "all"]
     assert float(table[1]["params"]) > float(table[0]["params"])
     assert "| dmfnet |" in r.stdout and "| all |" in r.stdout
+    assert ("tip: this machine has" in r.stdout) == ((os.cpu_count() or 1) > 1)   # one job on several cores: say so
     runs = list(csv.DictReader(open(out / "runs.csv")))                    # one row per run, here one seed per arm
     assert [(row["arm"], row["seed"]) for row in runs] == [("dmfnet", "0"), ("all", "0")]
     for row, arm_row in zip(runs, table):
@@ -77,6 +78,7 @@ def test_ablation_end_to_end_and_resume(tmp_path):
     r = run("ablation", "--out", str(par), "--arms", "dmfnet", "all", "--seeds", "0", "--epochs", "1", "--jobs", "2", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     again = list(csv.DictReader(open(par / "ablation.csv")))
+    assert "tip:" not in r.stdout
     for a, b in zip(table, again):
         assert a["arm"] == b["arm"] and a["Dice_WT"] == b["Dice_WT"] and a["HD95_ET"] == b["HD95_ET"], (a, b)
     assert run("ablation", "--out", str(par), "--jobs", "2", "--nproc", "2").returncode == 2
