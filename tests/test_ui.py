@@ -3,6 +3,7 @@
 Starts a JupyterLab server on 127.0.0.1 with a token in a temporary root, opens each widget notebook,
 runs all cells, and checks in the page that the widgets rendered, that a slider move redraws them, and
 that no cell raised. Screenshots go to tests/screenshots/ (or $BRATS_NB_SCREENSHOTS)."""
+import contextlib
 import json
 import os
 import re
@@ -148,6 +149,17 @@ def assert_no_errors(page, name):
         pytest.fail(f"{name}: a cell raised:\n" + errors.first.inner_text()[:3000])
 
 
+@contextlib.contextmanager
+def notebook_page(browser, lab, name, timeout_s=240):
+    "A page on nbs/<name> with every cell run and none raising; closed on the way out."
+    page = run_notebook(browser, lab, name, timeout_s)
+    try:
+        assert_no_errors(page, Path(name).stem)
+        yield page
+    finally:
+        page.close()
+
+
 def shot(page, locator, name):
     SHOTS.mkdir(parents=True, exist_ok=True)
     locator.scroll_into_view_if_needed()
@@ -172,9 +184,7 @@ def image_src(img):
 
 
 def test_slice_viewer_in_jupyterlab(lab, browser):
-    page = run_notebook(browser, lab, "00_data.ipynb")
-    try:
-        assert_no_errors(page, "00_data")
+    with notebook_page(browser, lab, "00_data.ipynb") as page:
         viewer = page.locator(".widget-vbox").filter(has=page.locator(".widget-slider")).filter(has=page.locator("img")).first
         viewer.wait_for()
         img = viewer.locator("img").first
@@ -186,8 +196,6 @@ def test_slice_viewer_in_jupyterlab(lab, browser):
         page.wait_for_function("([e, s]) => e.src !== s", arg=[img.element_handle(), src])
         assert img.evaluate("e => e.complete && e.naturalWidth > 0")
         shot(page, viewer, "slice_viewer_moved.png")
-    finally:
-        page.close()
 
 
 def kernel_exec(page, code):
@@ -236,9 +244,7 @@ def slide_and_redraw(page, viewer, label="slice", shot_name=None, presses=3):
 
 
 def test_attention_viewer_in_jupyterlab(lab, browser):
-    page = run_notebook(browser, lab, "02_mie.ipynb")
-    try:
-        assert_no_errors(page, "02_mie")
+    with notebook_page(browser, lab, "02_mie.ipynb") as page:
         viewer = widget_box(page, text="stretch colours", has=(".widget-slider", "img"))
         img = viewer.locator("img").first
         assert loaded(img)
@@ -248,14 +254,10 @@ def test_attention_viewer_in_jupyterlab(lab, browser):
         _, after = slide_and_redraw(page, viewer)
         assert f"{after}/" in viewer.inner_text()          # the caption follows the slider
         shot(page, viewer, "attention_viewer_moved.png")
-    finally:
-        page.close()
 
 
 def test_keypoint_viewer_in_jupyterlab(lab, browser):
-    page = run_notebook(browser, lab, "05_keypoints.ipynb")
-    try:
-        assert_no_errors(page, "05_keypoints")
+    with notebook_page(browser, lab, "05_keypoints.ipynb") as page:
         viewer = widget_box(page, has=(".js-plotly-plot", ".widget-slider", "img"))
         plots = viewer.locator(".js-plotly-plot")
         assert plots.count() == 2                           # the 3D view and the IoU curve
@@ -277,14 +279,10 @@ def test_keypoint_viewer_in_jupyterlab(lab, browser):
         assert title.text_content().split(":")[1].strip().startswith(f"{after} key points")
         # the slice slider redraws the 2D map
         slide_and_redraw(page, viewer, shot_name="keypoint_viewer_moved.png")
-    finally:
-        page.close()
 
 
 def test_prediction_viewer_in_jupyterlab(lab, browser):
-    page = run_notebook(browser, lab, "09_inference.ipynb")
-    try:
-        assert_no_errors(page, "09_inference")
+    with notebook_page(browser, lab, "09_inference.ipynb") as page:
         viewer = widget_box(page, has=(".widget-slider", "img", "button:has-text('worst slice')"))
         img = viewer.locator("img").first
         assert loaded(img)
@@ -298,14 +296,10 @@ def test_prediction_viewer_in_jupyterlab(lab, browser):
         assert before.strip() == at_worst
         worst.click()                                      # and back
         page.wait_for_function("([e, b]) => e.textContent.trim() === b", arg=[readout.element_handle(), at_worst])
-    finally:
-        page.close()
 
 
 def test_training_curves_in_jupyterlab(lab, browser):
-    page = run_notebook(browser, lab, "08_trainer.ipynb", timeout_s=400)
-    try:
-        assert_no_errors(page, "08_trainer")
+    with notebook_page(browser, lab, "08_trainer.ipynb", timeout_s=400) as page:
         fig = page.locator(".js-plotly-plot").filter(has_text="validation Dice").first
         fig.wait_for()
         loss = fig.locator(".scatterlayer .trace").first.locator(".points path")
@@ -320,5 +314,3 @@ def test_training_curves_in_jupyterlab(lab, browser):
         assert loss.count() == 4
         wait_idle(page)
         shot(page, fig, "training_curves_updated.png")
-    finally:
-        page.close()
