@@ -9,52 +9,36 @@ import csv
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import BratsError, REGIONS, find_cases, load_case, normalize, brain_mask
-from .trainer import (ARMS, PRESETS, Dist, TrainConfig, preset, train, train_torchrun, load_model, read_log, split_cases,
-                              add_train_options, config_from_args, _prepare_keypoints)
+from .core import BratsError, write_text_atomic
+from .data import REGIONS
+from .metrics import METRIC_COLUMNS
+from .model import ARMS, build_model, count_parameters, load_model
+from .inference import EvalProtocol, evaluate_cases
+from .trainer import (PRESETS, Dist, TrainConfig, preset, train, train_torchrun, read_log, add_train_options,
+                              config_from_args, config_cases, prepare_keypoints)
 
 # %% auto #0
-__all__ = ['ARM_COST', 'METRIC_COLS', 'evaluate_run', 'n_parameters', 'run_ablation', 'summarize', 'write_runs', 'write_table',
-           'plot_ablation', 'add_cli']
+__all__ = ['ABLATION_PROTOCOL', 'METRIC_COLS', 'evaluate_run', 'n_parameters', 'arm_cost', 'run_ablation', 'summarize_arms',
+           'write_runs', 'write_table', 'plot_ablation', 'add_cli']
 
 # %% ../nbs/11_ablation.ipynb #9399cb65
-@torch.no_grad()
-def evaluate_run(run_dir, cfg: TrainConfig, device="cpu", checkpoint="latest.pt"):
-    "Mean Dice and HD95 per region of a run's final checkpoint (or `checkpoint`) on its validation cases."
-    from brats_nb.inference import predict_volume, argmax_classes
-    from brats_nb.metrics import region_metrics, _flat
-    from brats_nb.data import classes_to_labels
+ABLATION_PROTOCOL = EvalProtocol(hd95=True)  # whole volume, no TTA, no post-processing; Dice and HD95
+
+def evaluate_run(run_dir, cfg: TrainConfig, device="cpu", checkpoint="latest.pt", protocol=ABLATION_PROTOCOL):
+    "Mean Dice and HD95 per region of a run's final checkpoint (or `checkpoint`) on its validation cases, by `protocol`."
     model, _ = load_model(Path(run_dir) / checkpoint, device=device)
-    from brats_nb.synth import samples_dir
-    cases = find_cases(cfg.data or samples_dir())
-    if cfg.max_cases: cases = cases[: cfg.max_cases]
-    _, val = split_cases(cases, cfg.val_fraction, cfg.split_seed)
-    rows = []
-    for c in val:
-        case = load_case(c)
-        pred = np.asarray(argmax_classes(predict_volume(model, normalize(case.image), device=device), brain_mask(case.image)))
-        pred = classes_to_labels(pred, case.label_convention)
-        rows.append(_flat(region_metrics(pred, case.label, case.spacing, case.label_convention)))
-    out = {}
-    for k in rows[0]:
-        out[k] = float(np.mean([r[k] for r in rows]))
-    return out
+    _, mean = evaluate_cases(model, config_cases(cfg)[1], protocol, device)
+    return {k: mean[k] for k in METRIC_COLUMNS}
 
 # %% ../nbs/11_ablation.ipynb #4fbd8191
-def _write_json(path, obj):
-    path = Path(path); fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent); os.close(fd)
-    Path(tmp).write_text(json.dumps(obj, indent=2)); os.replace(tmp, path)
-
 def n_parameters(cfg: TrainConfig):
-    from brats_nb.model import build_model
-    return sum(p.numel() for p in build_model(**cfg.model_kwargs()).parameters())
+    return count_parameters(build_model(**cfg.model_kwargs()))
 
 def _run_one(out, base: TrainConfig, arm, seed, nproc=1, quiet=True, threads=None):
     "Train (or resume) and evaluate one run; writes and returns its result.json."
@@ -73,11 +57,15 @@ def _run_one(out, base: TrainConfig, arm, seed, nproc=1, quiet=True, threads=Non
     res = {"arm": arm, "seed": seed, "params": n_parameters(cfg), "epochs": len(rows),
            "time_per_epoch_s": float(np.median([r["epoch_s"] for r in rows])), **evaluate_run(run, cfg),
            "run_s": time.perf_counter() - t0}
-    _write_json(run / "result.json", res)
+    write_text_atomic(run / "result.json", json.dumps(res, indent=2))
     return res
 
-ARM_COST = {"all": 3.0, "sie": 2.2, "mie": 1.7, "bsc": 1.05, "dmfnet": 1.0}  # CPU time of a run relative to dmfnet (measured)
+def arm_cost(arm):
+    "CPU time of a run of `arm` relative to dmfnet, from its switches (measured: mie 1.7, sie 2.2, bsc 1.05, all 3.0)."
+    mie, sie, bsc = ARMS[arm]
+    return 1.0 + 0.7 * mie + 1.2 * sie + 0.05 * bsc
 
+# %% ../nbs/11_ablation.ipynb #f9ec10d6
 def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(0, 1, 2), quiet=True, log=print, nproc=1, jobs=1):
     """Train and evaluate every arm for every seed (skipping finished runs); returns the per-run results.
     With `nproc` > 1 each run trains under torchrun in that many processes (one per GPU); evaluation runs here.
@@ -101,15 +89,12 @@ def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(
         from concurrent.futures import ProcessPoolExecutor, as_completed
         bsc = [dataclasses.replace(base, variant=a) for a, _ in todo]
         if any(cfg.uses_bsc for cfg in bsc):  # key point maps once, here, rather than by two jobs at the same time
-            from brats_nb.synth import samples_dir
-            cases = find_cases(base.data or samples_dir())
-            if base.max_cases: cases = cases[: base.max_cases]
-            _prepare_keypoints(base, split_cases(cases, base.val_fraction, base.split_seed)[0], Dist())
+            prepare_keypoints(base, config_cases(base)[0], Dist())
         threads = max(1, torch.get_num_threads() // jobs)
         pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"))
         try:
             # longest runs first, so that no job is left alone with a long run at the end (LPT scheduling)
-            todo = sorted(todo, key=lambda k: -ARM_COST.get(k[0], 1.0))
+            todo = sorted(todo, key=lambda k: -arm_cost(k[0]))
             futs = {pool.submit(_run_one, out, base, a, s, 1, True, threads): (a, s) for a, s in todo}
             for f in as_completed(futs):
                 done[futs[f]] = res = f.result(); report(res)
@@ -122,12 +107,10 @@ def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(
             done[a, s] = res = _run_one(out, base, a, s, nproc, quiet); report(res)
     return [done[k] for k in order]
 
-
 # %% ../nbs/11_ablation.ipynb #16965236
-from .metrics import METRIC_COLUMNS
 METRIC_COLS = list(METRIC_COLUMNS)  # Dice_WT, Dice_TC, Dice_ET, HD95_WT, HD95_TC, HD95_ET
 
-def summarize(results, arms=tuple(ARMS)):
+def summarize_arms(results, arms=tuple(ARMS)):
     "One row per arm: mean and std across seeds of each metric, parameters and time per epoch."
     rows = []
     for arm in arms:
@@ -180,7 +163,7 @@ def plot_ablation(out, results, arms=tuple(ARMS)):
     ax.set_xlabel("epoch"); ax.set_ylabel("validation mean Dice"); ax.legend(fontsize=8)
     ax.set_title("validation curves (mean ± std over seeds)")
     fig.tight_layout(); fig.savefig(out / "curves.png", dpi=100)
-    rows = summarize(results, arms)
+    rows = summarize_arms(results, arms)
     fig2, ax2 = plt.subplots(figsize=(7, 3.5))
     w = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
@@ -210,7 +193,7 @@ def add_cli(sub):
             print(f"tip: this machine has {cores} cores; --jobs {min(cores, 4)} trains that many runs at once, one thread each "
                   "(on 2 cores, 1.8 times the throughput)", flush=True)
         res = run_ablation(a.abl_out, cfg, a.arms, a.seeds, quiet=True, nproc=a.nproc, jobs=a.jobs)
-        print(write_table(summarize(res, a.arms), a.abl_out))
+        print(write_table(summarize_arms(res, a.arms), a.abl_out))
         write_runs(res, a.abl_out)
         plot_ablation(a.abl_out, res, a.arms)
         print(f"wrote {Path(a.abl_out).resolve()}/ablation.csv, ablation.md, runs.csv, curves.png, bars.png")

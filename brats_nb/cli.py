@@ -21,7 +21,7 @@ __all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main', 'run_demo', 'add_demo_
 COMMANDS = [("brats_nb.synth", "add_cli"), ("brats_nb.keypoints", "add_cli"), ("brats_nb.trainer", "add_cli"),
             ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"), ("brats_nb.ablation", "add_cli"),
             ("brats_nb.cli", "add_demo_cli")]
-BENCHES = [("brats_nb.model", "add_bench_cli"), ("brats_nb.keypoints", "add_bench_cli"), ("brats_nb.trainer", "add_bench_cli")]
+BENCHES = [("brats_nb.bench", "add_bench_cli"), ("brats_nb.keypoints", "add_bench_cli")]
 
 def _register(table, sub):
     for mod, fn in table:
@@ -63,12 +63,13 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", log=prin
     "Train the small model on the samples (or `data`), predict and evaluate the held-out cases; returns the files written."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from brats_nb.data import find_cases, load_case
     from brats_nb.synth import samples_dir
-    from brats_nb.trainer import preset, train, load_model, plot_curves, split_cases
-    from brats_nb.inference import predict_case, show_prediction
-    from brats_nb.metrics import evaluate_folder, whole_brain_dice
-    import numpy as np
+    from brats_nb.model import load_model
+    from brats_nb.metrics import summarize, whole_brain_dice, write_metrics_csv
+    from brats_nb.inference import EvalProtocol, evaluate_cases, show_prediction
+    from brats_nb.trainer import config_cases, plot_curves, preset, train
     t0 = time.perf_counter()
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     root = Path(data) if data else samples_dir()
@@ -77,12 +78,12 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", log=prin
     log(f"training the '{variant}' arm on {len(cases)} cases from {root} for {cfg.epochs} epochs on the CPU ...")
     train(cfg, resume=(out / "run" / "latest.pt").exists())
     model, _ = load_model(out / "run" / "latest.pt")  # the final model: best.pt was chosen on these very cases
-    _, val = split_cases(cases, cfg.val_fraction, cfg.split_seed)
+    _, val = config_cases(cfg)
     pred_dir = out / "predictions"; pred_dir.mkdir(exist_ok=True)
-    for c in val:
-        predict_case(model, c, pred_dir / f"{c.name}.nii.gz", tta=True)
-    log(f"predicted {len(val)} held-out cases with 8-flip TTA")
-    rows, summary = evaluate_folder(pred_dir, val, out_csv=out / "metrics.csv")
+    protocol = EvalProtocol(tta=True, postprocess=True, hd95=True)
+    rows, _ = evaluate_cases(model, val, protocol, out_dir=pred_dir)
+    summary = summarize(rows); write_metrics_csv(rows, summary, out / "metrics.csv")
+    log(f"predicted {len(val)} held-out cases ({protocol.name})")
     log("held-out mean Dice  " + "  ".join(f"{r} {summary['mean'][f'Dice_{r}']:.3f}" for r in ("WT", "TC", "ET")))
     floor = float(np.mean([whole_brain_dice(c) for c in val]))
     log(f"(labelling the whole brain as tumour would give WT {floor:.3f}: a WT near that is edema everywhere, "
@@ -96,6 +97,7 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", log=prin
     files = [out / "run", pred_dir, out / "metrics.csv", out / "curves.png", out / "prediction.png"]
     return [f for f in files if f.exists()]
 
+# %% ../nbs/10_cli.ipynb #60a55b7e
 def add_demo_cli(sub):
     p = sub.add_parser("demo", help="train, predict and evaluate the small model on the bundled samples (CPU, minutes)",
                        description="The main job on the bundled samples (or --data): train the small model, predict the held-out cases, evaluate.")

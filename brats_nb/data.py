@@ -8,20 +8,21 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
+from .core import BratsError, atomic_path
+
 # %% auto #0
-__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES', 'BratsError', 'CaseFiles',
-           'case_files', 'find_cases', 'detect_label_convention', 'check_label_values', 'Case', 'load_case',
+__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES', 'CaseFiles', 'case_files',
+           'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case', 'load_case', 'et_label',
            'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask',
-           'normalize', 'overlay_rgb', 'show_case', 'slice_controls', 'slice_viewer', 'training_transforms',
-           'load_extra', 'BratsDataset', 'save_nifti']
+           'normalize', 'windowed', 'take_slice', 'overlay_rgb', 'tumour_centre', 'show_case', 'png_bytes',
+           'slice_controls', 'slice_viewer', 'training_transforms', 'load_extra', 'BratsDataset', 'save_nifti']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -31,9 +32,6 @@ NAMINGS = {  # file key of each modality in the two BraTS namings, and the separ
     "brats2023": dict(sep="-", keys={"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}),
 }
 LABEL_CONVENTIONS = {"brats2017": 4, "brats2023": 3}  # the label value of enhancing tumour (ET)
-
-class BratsError(ValueError):
-    "An input that brats_nb cannot use; the message names the file and what is wrong."
 
 # %% ../nbs/00_data.ipynb #5222446a
 _KEY_RE = re.compile(r"^(?P<prefix>.+?)(?P<sep>[_-])(?P<key>t1ce|t1c|t1n|t1|t2w|t2f|t2|flair|seg)\.nii(\.gz)?$")
@@ -90,7 +88,7 @@ def find_cases(root) -> list[Path]:
     return dirs
 
 # %% ../nbs/00_data.ipynb #9198bdf3
-def _read_nifti(path):
+def read_nifti(path):
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -150,7 +148,7 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
     files = case_files(case_dir)
     vols, ref = [], None
     for m in MODALITIES:
-        img, data = _read_nifti(files.paths[m])
+        img, data = read_nifti(files.paths[m])
         if ref is None: ref = (files.paths[m], img)
         else: _check_same_space(*ref, files.paths[m], img)
         data = data.astype(np.float32, copy=False)
@@ -160,7 +158,7 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
     label = None
     convention = label_convention or ("brats2023" if files.naming == "brats2023" else "brats2017")
     if load_label and files.seg is not None:
-        img, data = _read_nifti(files.seg)
+        img, data = read_nifti(files.seg)
         _check_same_space(*ref, files.seg, img)
         if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
             raise BratsError(f"{files.seg}: label values must be whole numbers")
@@ -172,19 +170,19 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
     return Case(files.name, np.stack(vols), label, ref_img.affine.copy(), ref_img.header.copy(), files, convention)
 
 # %% ../nbs/00_data.ipynb #915f99c3
-def _et(convention): 
+def et_label(convention): 
     if convention not in LABEL_CONVENTIONS: raise BratsError(f"unknown label convention {convention!r}; use one of {list(LABEL_CONVENTIONS)}")
     return LABEL_CONVENTIONS[convention]
 
 def labels_to_regions(label, convention="brats2017"):
     "Stack the nested regions (WT, TC, ET) of a label map on a new first axis (NumPy or torch, boolean)."
-    et = _et(convention)
+    et = et_label(convention)
     lib = torch if isinstance(label, torch.Tensor) else np
     return lib.stack([label > 0, (label == 1) | (label == et), label == et])
 
 def regions_to_labels(regions, convention="brats2017"):
     "Label map from nested regions (WT, TC, ET) on the first axis: 2 in WT, 1 in TC, ET in ET."
-    et = _et(convention)
+    et = et_label(convention)
     if isinstance(regions, torch.Tensor):
         r = regions.bool(); out = torch.zeros(r.shape[1:], dtype=torch.uint8, device=r.device)
     else:
@@ -195,7 +193,7 @@ def regions_to_labels(regions, convention="brats2017"):
 # %% ../nbs/00_data.ipynb #cf95c379
 def labels_to_classes(label, convention="brats2017"):
     "Class indices 0..3 for the softmax (3 = ET) from a BraTS label map."
-    et = _et(convention)
+    et = et_label(convention)
     out = label.clone() if isinstance(label, torch.Tensor) else np.array(label, copy=True)
     out[label == et] = 3
     return out
@@ -203,7 +201,7 @@ def labels_to_classes(label, convention="brats2017"):
 def classes_to_labels(classes, convention="brats2017"):
     "BraTS label map from class indices 0..3."
     out = classes.clone() if isinstance(classes, torch.Tensor) else np.array(classes, copy=True)
-    out[classes == 3] = _et(convention)
+    out[classes == 3] = et_label(convention)
     return out
 
 # %% ../nbs/00_data.ipynb #7e959022
@@ -228,7 +226,7 @@ def normalize(image, mask=None, lower=0.2, upper=99.8, eps=1e-8):
 LABEL_COLORS = {"NCR/NET": (0.90, 0.15, 0.15), "ED": (0.20, 0.80, 0.20), "ET": (1.00, 0.85, 0.10)}
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
-def _windowed(image):
+def windowed(image):
     "Each modality scaled to [0, 1] between its 0.5 and 99.5 percentiles inside the brain."
     mask = brain_mask(image)
     out = np.empty(image.shape, np.float32)
@@ -237,7 +235,7 @@ def _windowed(image):
         out[c] = np.clip((image[c] - lo) / max(hi - lo, 1e-6), 0, 1)
     return out
 
-def _take(vol, axis, index):
+def take_slice(vol, axis, index):
     "A 2D slice for display: rows top to bottom, the way radiologists look at it."
     return np.rot90(np.take(vol, index, axis=axis))
 
@@ -245,13 +243,13 @@ def overlay_rgb(gray, label=None, convention="brats2017", alpha=0.45):
     "An RGB image of a 2D gray slice in [0, 1] with the label classes blended over it."
     rgb = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
     if label is not None:
-        for value, color in zip((1, 2, _et(convention)), LABEL_COLORS.values()):
+        for value, color in zip((1, 2, et_label(convention)), LABEL_COLORS.values()):
             sel = label == value
             rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(color, np.float32)
     return rgb
 
 # %% ../nbs/00_data.ipynb #30abd262
-def _tumour_centre(case):
+def tumour_centre(case):
     if case.label is not None and (case.label > 0).any():
         return [int(np.round(np.mean(ix))) for ix in np.nonzero(case.label > 0)]
     return [s // 2 for s in case.shape]
@@ -261,14 +259,14 @@ def show_case(case, axis="axial", index=None, overlay=True, figsize=(13, 3.6)):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     ax_i = AXES.get(axis, axis)
-    index = _tumour_centre(case)[ax_i] if index is None else index
-    win = _windowed(case.image)
+    index = tumour_centre(case)[ax_i] if index is None else index
+    win = windowed(case.image)
     n = 5 if (overlay and case.label is not None) else 4
     fig, axs = plt.subplots(1, n, figsize=figsize)
     for c in range(4):
-        axs[c].imshow(_take(win[c], ax_i, index), cmap="gray", vmin=0, vmax=1); axs[c].set_title(case.modalities[c])
+        axs[c].imshow(take_slice(win[c], ax_i, index), cmap="gray", vmin=0, vmax=1); axs[c].set_title(case.modalities[c])
     if n == 5:
-        axs[4].imshow(overlay_rgb(_take(win[3], ax_i, index), _take(case.label, ax_i, index), case.label_convention))
+        axs[4].imshow(overlay_rgb(take_slice(win[3], ax_i, index), take_slice(case.label, ax_i, index), case.label_convention))
         axs[4].set_title("labels over flair")
         axs[4].legend(handles=[Patch(color=c, label=k) for k, c in LABEL_COLORS.items()], fontsize=7, loc="lower right")
     for a in axs: a.axis("off")
@@ -277,7 +275,7 @@ def show_case(case, axis="axial", index=None, overlay=True, figsize=(13, 3.6)):
     return fig
 
 # %% ../nbs/00_data.ipynb #b861c32e
-def _png(rgb, scale=2):
+def png_bytes(rgb, scale=2):
     "PNG bytes of an RGB float image, enlarged by pixel repetition."
     from PIL import Image
     a = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
@@ -289,7 +287,7 @@ def slice_controls(case, axis, redraw):
     """The axis dropdown and slice slider that every viewer shares. The slider starts at the tumour's centre;
     a new axis resets its range and centre. Both call `redraw()` when they change (once per change)."""
     import ipywidgets as W
-    centre = _tumour_centre(case)
+    centre = tumour_centre(case)
     ax_dd = W.Dropdown(options=list(AXES), value=axis, description="axis")
     sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice", continuous_update=True)
 
@@ -304,11 +302,12 @@ def slice_controls(case, axis, redraw):
     ax_dd.observe(on_axis, "value"); sl.observe(on_slice, "value")
     return ax_dd, sl
 
+# %% ../nbs/00_data.ipynb #515c7626
 def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
     "A widget to browse a case: axis, slice, modality and the label overlay. Returns the widget."
     import ipywidgets as W
     if not isinstance(case, Case): case = load_case(case)
-    win = _windowed(case.image)
+    win = windowed(case.image)
     ax_dd, sl = slice_controls(case, axis, lambda: draw())
     mod_dd = W.Dropdown(options=list(case.modalities), value=modality, description="modality")
     ov = W.Checkbox(value=overlay and case.label is not None, description="labels", disabled=case.label is None)
@@ -317,11 +316,11 @@ def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
 
     def draw(*_):
         a = AXES[ax_dd.value]
-        gray = _take(win[case.modalities.index(mod_dd.value)], a, sl.value)
-        lab = _take(case.label, a, sl.value) if (ov.value and case.label is not None) else None
-        img.value = _png(overlay_rgb(gray, lab, case.label_convention), scale)
+        gray = take_slice(win[case.modalities.index(mod_dd.value)], a, sl.value)
+        lab = take_slice(case.label, a, sl.value) if (ov.value and case.label is not None) else None
+        img.value = png_bytes(overlay_rgb(gray, lab, case.label_convention), scale)
         counts = "" if lab is None else " · " + ", ".join(f"{k}: {int((lab == v).sum())}" for k, v in
-                                                        zip(LABEL_COLORS, (1, 2, _et(case.label_convention))))
+                                                        zip(LABEL_COLORS, (1, 2, et_label(case.label_convention))))
         info.value = f"<b>{case.name}</b> · {ax_dd.value} {sl.value}/{sl.max}{counts}"
 
     for w in (mod_dd, ov): w.observe(draw, "value")
@@ -409,11 +408,5 @@ def save_nifti(array, path, affine, header=None, dtype=None):
     img = nib.Nifti1Image(array, affine, hdr)
     if header is not None: img.header.set_xyzt_units(*header.get_xyzt_units())
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    with atomic_path(path, suffix) as tmp: nib.save(img, str(tmp))
     return path

@@ -5,12 +5,10 @@
 # %% ../nbs/05_keypoints.ipynb #53c9d4ee
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -20,8 +18,10 @@ import torch
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from .data import (REGIONS, BratsError, Case, find_cases, load_case, labels_to_regions, save_nifti,
-                           case_files, _take, _windowed, _png, _tumour_centre, AXES)
+from .core import BratsError, atomic_path, bbox
+from .data import (REGIONS, Case, read_nifti, detect_label_convention, find_cases, load_case, labels_to_regions, save_nifti,
+                           case_files, take_slice, windowed, png_bytes, AXES)
+from .synth import samples_dir
 
 # %% auto #0
 __all__ = ['ALGORITHM_VERSION', 'DEFAULTS', 'KP_COLORS', 'boundary_voxels', 'hull_triangles', 'column_intervals', 'fill_hull',
@@ -61,6 +61,7 @@ def _rep(counts, device):
     start = torch.cumsum(counts, 0) - counts
     return g, torch.arange(len(g), device=device) - start[g]
 
+# %% ../nbs/05_keypoints.ipynb #1525ae98
 def column_intervals(tris, normals, cand, n_cand, shape2, device="cpu"):
     """Exact z-range of the filled hulls in every column of an `shape2` = (X, Y) grid.
     `tris` (F, 3, 3) and `normals` (F, 3) integer outward triangles of `n_cand` hulls, `cand` (F,) the hull of each.
@@ -106,6 +107,7 @@ def column_intervals(tris, normals, cand, n_cand, shape2, device="cpu"):
         else: zmin.scatter_reduce_(0, idx0[r] + j, -_fdiv(-num, nz[r]), "amax", include_self=False)
     return zmin.view(n_cand, -1), zmax.view(n_cand, -1)
 
+# %% ../nbs/05_keypoints.ipynb #a103f0ec
 def _default_device(device=None):
     if device is not None: return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,6 +157,7 @@ class _one_thread:
     def __exit__(self, *exc):
         if self.cpu: torch.set_num_threads(self.n)
 
+# %% ../nbs/05_keypoints.ipynb #73fa7a41
 def _score_candidates(region, point_sets, dev):
     nreg = int(region.sum())
     ious = np.zeros(len(point_sets))
@@ -215,22 +218,13 @@ def _per_region(v, name):
     return v
 
 # %% ../nbs/05_keypoints.ipynb #52d105ac
-def _bbox(mask):
-    "Slices of the smallest box holding the True voxels of `mask` (None when there are none)."
-    out = []
-    for ax in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-        if len(hit) == 0: return None
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(out)
-
 def select_region_keypoints(region, n=300, t=100, radius=2, seed=0, region_index=0, device=None) -> dict:
     """Key boundary points of one region: the best of `t` random sets of `n` boundary voxels by exact hull IoU.
     Returns dict(points (k, 3), iou, history (IoU of each candidate), n_boundary, kind ('hull', 'points', 'empty'), map)."""
     region = np.asarray(region, bool)
     if region.ndim != 3: raise BratsError(f"select_region_keypoints: expected a 3D mask, got shape {region.shape}")
     if n < 1 or t < 1 or radius < 0: raise BratsError(f"select_region_keypoints: need n >= 1, t >= 1, radius >= 0 (got n={n}, t={t}, radius={radius})")
-    box = _bbox(region)
+    box = bbox(region)
     if box is None:
         return dict(points=np.zeros((0, 3), np.int64), iou=1.0, history=np.zeros(0), n_boundary=0, kind="empty",
                     map=np.zeros(region.shape, np.uint8))
@@ -259,6 +253,7 @@ def _as_regions(label_or_regions, convention):
     if a.ndim == 3: return labels_to_regions(a, convention)
     raise BratsError(f"select_keypoints: expected a label map (X, Y, Z) or regions (3, X, Y, Z), got shape {a.shape}")
 
+# %% ../nbs/05_keypoints.ipynb #83ee1716
 def select_keypoints(label_or_regions, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention="brats2017",
                      device=None):
     """Key point maps (3, X, Y, Z) uint8 (WT, TC, ET) of a label map, regions (3, X, Y, Z) or a `Case`,
@@ -287,6 +282,7 @@ def keypoint_overlay(gray, regions2d=None, maps2d=None, alpha=0.35):
             rgb[np.asarray(maps2d[i]) > 0] = col
     return rgb
 
+# %% ../nbs/05_keypoints.ipynb #47212f80
 def show_keypoints(case, maps=None, info=None, axis="axial", index=None, figsize=(13, 3.8), **kw):
     "Static figure (the viewer's fallback): key point maps over FLAIR, the points in 3D, the best IoU against t."
     import matplotlib.pyplot as plt
@@ -296,11 +292,11 @@ def show_keypoints(case, maps=None, info=None, axis="axial", index=None, figsize
     ax_i = AXES.get(axis, axis)
     if index is None:  # the slice with most key point voxels
         index = int(np.argmax(maps.sum(0).sum(axis=tuple(a for a in range(3) if a != ax_i))))
-    win = _windowed(case.image)
+    win = windowed(case.image)
     fig = plt.figure(figsize=figsize)
     a1 = fig.add_subplot(1, 3, 1)
-    a1.imshow(keypoint_overlay(_take(win[3], ax_i, index), [_take(r, ax_i, index) for r in regions],
-                               [_take(m, ax_i, index) for m in maps]))
+    a1.imshow(keypoint_overlay(take_slice(win[3], ax_i, index), [take_slice(r, ax_i, index) for r in regions],
+                               [take_slice(m, ax_i, index) for m in maps]))
     a1.set_title(f"{axis} slice {index}: key point maps"); a1.axis("off")
     a2 = fig.add_subplot(1, 3, 2, projection="3d")
     for name in REGIONS:
@@ -337,6 +333,7 @@ def _pin_one_core():
     os.sched_setaffinity(0, {min(old)})
     return old
 
+# %% ../nbs/05_keypoints.ipynb #cd45e999
 def bench_keypoints(cases, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, ref_t=3, repeat=3, pin=True, device="cpu",
                     printer=print):
     "Time `select_keypoints` against the brute-force reference on each case; prints a table and returns its rows."
@@ -373,6 +370,7 @@ def bench_keypoints(cases, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, r
     _print_bench(rows, ns, t, min(ref_t, t), printer)
     return rows
 
+# %% ../nbs/05_keypoints.ipynb #3760940e
 def _print_bench(rows, ns, t, ref_t, printer=print):
     printer(f"key point selection, n={ns} (WT, TC, ET), t={t}; reference measured on the first {ref_t} "
             f"candidates per region and extrapolated to t; one CPU core")
@@ -415,22 +413,16 @@ def keypoints_up_to_date(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), s
     return all(meta.get(k) == v for k, v in want.items())
 
 def _write_json_atomic(obj, path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f: json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=1))
 
+# %% ../nbs/05_keypoints.ipynb #1af2a6b8
 def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None) -> str:
     "Write the key point map of one case unless it is up to date; returns 'written', 'skipped' or 'unlabelled'."
-    import nibabel as nib
-    from brats_nb.data import _read_nifti, detect_label_convention
     files = case_files(case_dir)
     if files.seg is None: return "unlabelled"
     if not force and keypoints_up_to_date(case_dir, n, t, radius, seed): return "skipped"
     sha = _sha256(files.seg)   # hashed before reading, so that a label changed meanwhile is redone next time
-    img, label = _read_nifti(files.seg)
+    img, label = read_nifti(files.seg)
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
     conv = detect_label_convention(label.astype(np.uint8), files.naming, files.seg)
@@ -449,6 +441,7 @@ def _worker(args):
     try: return str(d), preprocess_case(d, **kw), None
     except Exception as e: return str(d), "failed", f"{type(e).__name__}: {e}"
 
+# %% ../nbs/05_keypoints.ipynb #04a593ba
 def preprocess(data_dir, workers=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None,
                progress=True) -> dict:
     """Key point maps of every labelled case under `data_dir`, in `workers` processes (default: CPU count, at most 8).
@@ -510,6 +503,7 @@ def _real_dir():
     d = Path(__file__).resolve().parents[2] / "shared" / "real" / "brats18"
     return d if d.is_dir() else None
 
+# %% ../nbs/05_keypoints.ipynb #ca29e94b
 def add_bench_cli(bsub):
     "Register `brats-nb bench keypoints`."
     p = bsub.add_parser("keypoints", help="key point selection: ours against the brute-force reference",
@@ -524,7 +518,6 @@ def add_bench_cli(bsub):
     p.add_argument("--no-pin", action="store_true", help="do not pin the process to one CPU core")
     p.add_argument("--device", default="cpu")
     def run(a):
-        from brats_nb.synth import samples_dir
         samples = find_cases(samples_dir())
         n = (300, 200, 100)
         if a.quick: cases, n, t, ref_t, rep = samples[:1], (40, 30, 20), 5, 1, 1
@@ -542,13 +535,14 @@ def add_bench_cli(bsub):
 def _surface(region, step=1):
     "Marching-cubes mesh (verts, faces) of a boolean region, in voxel coordinates."
     from skimage.measure import marching_cubes
-    box = _bbox(region)
+    box = bbox(region)
     if box is None: return np.zeros((0, 3)), np.zeros((0, 3), int)
     box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, s)) for b, s in zip(box, region.shape))
     sub = np.pad(region[box], 1).astype(np.float32)
     v, f, _, _ = marching_cubes(sub, 0.5, step_size=step)
     return v + np.array([b.start - 1 for b in box]), f
 
+# %% ../nbs/05_keypoints.ipynb #5dd10827
 def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis="axial", scale=2):
     "Widget: a region's surface and key points in 3D, the best IoU against t, and the key point map on a slice."
     import ipywidgets as W
@@ -556,7 +550,7 @@ def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis=
     if not isinstance(case, Case): case = load_case(case)
     if case.label is None: raise BratsError(f"{case.name}: has no label map; key points come from the ground truth")
     regions = labels_to_regions(case.label, case.label_convention)
-    win = _windowed(case.image)
+    win = windowed(case.image)
     ri = REGIONS.index(region)
     dd = W.Dropdown(options=list(REGIONS), value=region, description="region")
     ns = W.IntSlider(value=n or DEFAULTS["n"][ri], min=4, max=600, step=1, description="n", continuous_update=False)
@@ -599,10 +593,10 @@ def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis=
     def draw(*_):
         if "r" not in state: return
         a, i, r = AXES[axis], state["i"], state["r"]
-        region2d, map2d = _take(regions[i], a, sl.value), _take(r["map"], a, sl.value)   # one slice, never the volume
-        rgb = keypoint_overlay(_take(win[3], a, sl.value), [region2d if k == i else np.zeros_like(region2d) for k in range(3)],
+        region2d, map2d = take_slice(regions[i], a, sl.value), take_slice(r["map"], a, sl.value)   # one slice, never the volume
+        rgb = keypoint_overlay(take_slice(win[3], a, sl.value), [region2d if k == i else np.zeros_like(region2d) for k in range(3)],
                                [map2d if k == i else np.zeros_like(map2d) for k in range(3)])
-        img.value = _png(rgb, scale)
+        img.value = png_bytes(rgb, scale)
 
     def on_region(ch):
         i = REGIONS.index(ch["new"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import BratsError
+from .core import BratsError
 
 # %% auto #0
 __all__ = ['region_probs', 'target_regions', 'generalized_dice_loss', 'bsc_loss', 'BratsLoss']

@@ -7,50 +7,41 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from .data import (BratsError, REGIONS, find_cases, case_files, load_case, labels_to_regions,
-                           detect_label_convention, _read_nifti, brain_mask, Case)
+from .core import BratsError, atomic_path, bbox
+from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions,
+                           detect_label_convention, read_nifti, brain_mask, Case)
 
 # %% auto #0
-__all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'dice', 'surface', 'surface_distances', 'hd95', 'region_metrics', 'whole_brain_dice',
-           'summarize', 'write_metrics_csv', 'prediction_path', 'load_prediction', 'evaluate_folder', 'format_summary',
-           'add_cli']
+__all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'as_mask', 'dice', 'surface', 'surface_distances', 'hd95', 'region_metrics',
+           'whole_brain_dice', 'flat_metrics', 'summarize', 'write_metrics_csv', 'prediction_path', 'load_prediction',
+           'evaluate_folder', 'format_summary', 'add_cli']
 
 # %% ../nbs/07_metrics.ipynb #100b8444
 HD95_EMPTY = 373.13  # BraTS: the HD95 when exactly one of prediction and ground truth is empty (the diagonal of the volume, mm)
 
-def _mask(m):
+def as_mask(m):
     "A NumPy boolean array from a NumPy array or torch tensor."
     if isinstance(m, torch.Tensor): m = m.detach().cpu().numpy()
     return np.asarray(m).astype(bool, copy=False)
 
 def dice(pred, gt) -> float:
     "Dice overlap of two boolean masks (NumPy or torch); BraTS: 1 when both are empty."
-    p, g = _mask(pred), _mask(gt)
+    p, g = as_mask(pred), as_mask(gt)
     if p.shape != g.shape: raise BratsError(f"dice: prediction shape {p.shape} differs from ground truth shape {g.shape}")
     sp, sg = int(p.sum()), int(g.sum())
     if sp + sg == 0: return 1.0
     return 2.0 * int(np.logical_and(p, g).sum()) / (sp + sg)
 
 # %% ../nbs/07_metrics.ipynb #63e8ce43
-def _bbox(mask, margin=1):
-    "Slices of the bounding box of `mask`, grown by `margin` voxels (clipped to the array)."
-    out = []
-    for ax in range(mask.ndim):
-        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-        out.append(slice(max(int(idx[0]) - margin, 0), int(idx[-1]) + 1 + margin))
-    return tuple(out)
-
 def surface(mask):
     "Surface voxels: voxels of `mask` with a face neighbour outside it (outside the array counts as outside)."
-    mask = _mask(mask)
+    mask = as_mask(mask)
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 def _check_spacing(spacing, ndim):
@@ -61,11 +52,11 @@ def _check_spacing(spacing, ndim):
 
 def surface_distances(pred, gt, spacing=None):
     "Directed surface distances in mm `(pred to gt, gt to pred)` of two non-empty masks."
-    p, g = _mask(pred), _mask(gt)
+    p, g = as_mask(pred), as_mask(gt)
     if p.shape != g.shape: raise BratsError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}")
     if not p.any() or not g.any(): raise BratsError("surface_distances: both masks must be non-empty")
     spacing = _check_spacing(spacing, p.ndim)
-    box = _bbox(p | g)
+    box = bbox(p | g, margin=1)
     sp, sg = surface(p[box]), surface(g[box])
     to_g = ndimage.distance_transform_edt(~sg, sampling=spacing)
     to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
@@ -74,7 +65,7 @@ def surface_distances(pred, gt, spacing=None):
 # %% ../nbs/07_metrics.ipynb #b6d7cbdd
 def hd95(pred, gt, spacing=None, percentile=95, mode="max") -> float:
     "Robust Hausdorff distance in mm (BraTS: 0 if both masks are empty, `HD95_EMPTY` if one is)."
-    p, g = _mask(pred), _mask(gt)
+    p, g = as_mask(pred), as_mask(gt)
     if p.shape != g.shape: raise BratsError(f"hd95: prediction shape {p.shape} differs from ground truth shape {g.shape}")
     if mode not in ("max", "union"): raise BratsError(f"hd95: mode must be 'max' or 'union', got {mode!r}")
     if not p.any() and not g.any(): return 0.0
@@ -103,7 +94,7 @@ def whole_brain_dice(case) -> float:
 # %% ../nbs/07_metrics.ipynb #58f14c00
 METRIC_COLUMNS = tuple(f"Dice_{r}" for r in REGIONS) + tuple(f"HD95_{r}" for r in REGIONS)
 
-def _flat(metrics):
+def flat_metrics(metrics):
     return {**{f"Dice_{r}": metrics[r]["dice"] for r in REGIONS}, **{f"HD95_{r}": metrics[r]["hd95"] for r in REGIONS}}
 
 def summarize(rows):
@@ -114,18 +105,12 @@ def summarize(rows):
 
 def write_metrics_csv(rows, summary, path):
     "Per-case rows, then the summary rows, as CSV written atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["case", *METRIC_COLUMNS])
-            for r in rows: w.writerow([r["case"], *(f"{r[c]:.6f}" for c in METRIC_COLUMNS)])
-            for name, s in summary.items(): w.writerow([name, *(f"{s[c]:.6f}" for c in METRIC_COLUMNS)])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", *METRIC_COLUMNS])
+        for r in rows: w.writerow([r["case"], *(f"{r[c]:.6f}" for c in METRIC_COLUMNS)])
+        for name, s in summary.items(): w.writerow([name, *(f"{s[c]:.6f}" for c in METRIC_COLUMNS)])
+    return Path(path)
 
 # %% ../nbs/07_metrics.ipynb #fbf13398
 def prediction_path(pred_dir, case_name):
@@ -136,7 +121,7 @@ def load_prediction(path, case):
     "Read a predicted label map for `case`, checking its space; returns (labels, convention)."
     path = Path(path)
     if not path.is_file(): raise BratsError(f"{path}: missing prediction for case {case.name!r}")
-    img, data = _read_nifti(path)
+    img, data = read_nifti(path)
     if data.shape != case.shape: raise BratsError(f"{path}: shape {data.shape} differs from case {case.name!r} {case.shape}")
     if not np.allclose(img.affine, case.affine, atol=1e-3):
         raise BratsError(f"{path}: affine differs from case {case.name!r}:\n{img.affine}\nvs\n{case.affine}")
@@ -162,7 +147,7 @@ def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False)
         case = load_case(d)
         pred, conv = load_prediction(prediction_path(pred_dir, case.name), case)
         m = region_metrics(pred, case.label, case.spacing, case.label_convention, conv, mode=mode)
-        rows.append({"case": case.name, **_flat(m)})
+        rows.append({"case": case.name, **flat_metrics(m)})
         if verbose: print(case.name, " ".join(f"{c}={rows[-1][c]:.3f}" for c in METRIC_COLUMNS))
     summary = summarize(rows)
     if out_csv is not None: write_metrics_csv(rows, summary, out_csv)

@@ -6,50 +6,16 @@
 from __future__ import annotations
 
 import html
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import BratsError, Case, MODALITIES, load_case, normalize, _windowed, _take, _png, _tumour_centre, slice_controls, AXES
+from .core import BratsError, check_norm, check_spatial_dims, conv_class, norm_layer, act_layer
+from .data import Case, load_case, normalize, windowed, take_slice, png_bytes, tumour_centre, slice_controls, AXES
 
 # %% auto #0
-__all__ = ['NORMS', 'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer', 'act_layer', 'SCSE', 'MIE', 'mie_attention',
-           'show_attention', 'attention_viewer']
-
-# %% ../nbs/02_mie.ipynb #eecd677c
-NORMS = ("batch", "group", "instance", None)
-_NORM_ALIASES = {"batch": "batch", "bn": "batch", "batchnorm": "batch", "group": "group", "gn": "group", "groupnorm": "group",
-                 "instance": "instance", "in": "instance", "instancenorm": "instance", "none": None, None: None}
-
-def check_norm(norm):
-    "The canonical name of a normalisation (`'batch'`, `'group'`, `'instance'` or None); BratsError if unknown."
-    key = norm.lower() if isinstance(norm, str) else norm
-    if key not in _NORM_ALIASES: raise BratsError(f"unknown norm {norm!r}; use one of {list(NORMS)}")
-    return _NORM_ALIASES[key]
-
-def check_spatial_dims(spatial_dims):
-    if spatial_dims not in (2, 3): raise BratsError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    return spatial_dims
-
-def conv_class(spatial_dims):
-    "`nn.Conv2d` or `nn.Conv3d`."
-    return {2: nn.Conv2d, 3: nn.Conv3d}[check_spatial_dims(spatial_dims)]
-
-def norm_layer(norm, channels, spatial_dims=3):
-    "A normalisation layer for `channels` channels (`nn.Identity` for None)."
-    norm = check_norm(norm); check_spatial_dims(spatial_dims)
-    if norm is None: return nn.Identity()
-    if norm == "batch": return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
-    if norm == "group": return nn.GroupNorm(math.gcd(4, channels), channels)
-    return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
-
-def act_layer(act="relu"):
-    "An activation by name: relu, leakyrelu (slope 0.01), prelu or elu."
-    acts = {"relu": nn.ReLU, "leakyrelu": lambda: nn.LeakyReLU(0.01), "prelu": nn.PReLU, "elu": nn.ELU}
-    if act not in acts: raise BratsError(f"unknown act {act!r}; use one of {list(acts)}")
-    return acts[act]()
+__all__ = ['SCSE', 'MIE', 'mie_attention', 'show_attention', 'attention_viewer']
 
 # %% ../nbs/02_mie.ipynb #74dafbdc
 class SCSE(nn.Module):
@@ -108,8 +74,7 @@ class MIE(nn.Module):
 def _find_mie(model):
     if isinstance(model, MIE): return model
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from brats_nb.trainer import load_model
-        model, _ = load_model(model)
+        raise BratsError(f"{model}: a checkpoint path; load the network first: `model, _ = load_model(path)` (brats_nb.model)")
     m = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     mie = getattr(m, "mie", None)
     if not isinstance(mie, MIE):
@@ -146,13 +111,13 @@ def show_attention(case, model, axis="axial", index=None, stretch=True, figsize=
     if not isinstance(case, Case): case = load_case(case)
     att = mie_attention(case, model)
     a = AXES.get(axis, axis)
-    index = _tumour_centre(case)[a] if index is None else index
-    win = _windowed(case.image)
+    index = tumour_centre(case)[a] if index is None else index
+    win = windowed(case.image)
     lo, hi = _range(att["spatial"], stretch)
     fig, axs = plt.subplots(1, 6, figsize=figsize, gridspec_kw=dict(width_ratios=[1, 1, 1, 1, 1.2, 1.1]))
     for c in range(4):
-        axs[c].imshow(_take(win[c], a, index), cmap="gray", vmin=0, vmax=1); axs[c].set_title(case.modalities[c]); axs[c].axis("off")
-    im = axs[4].imshow(_take(att["spatial"], a, index), cmap="magma", vmin=lo, vmax=hi)
+        axs[c].imshow(take_slice(win[c], a, index), cmap="gray", vmin=0, vmax=1); axs[c].set_title(case.modalities[c]); axs[c].axis("off")
+    im = axs[4].imshow(take_slice(att["spatial"], a, index), cmap="magma", vmin=lo, vmax=hi)
     axs[4].set_title("spatial attention q(v)"); axs[4].axis("off"); fig.colorbar(im, ax=axs[4], fraction=0.046)
     axs[5].bar(range(len(att["channels"])), att["channels"], color="tab:blue")
     axs[5].set_xticks(range(len(att["channels"])), att["names"], rotation=30); axs[5].set_ylim(0, 1)
@@ -177,7 +142,7 @@ def attention_viewer(case, model, axis="axial", modality="flair", stretch=True, 
     import ipywidgets as W
     if not isinstance(case, Case): case = load_case(case)
     att = mie_attention(case, model)
-    win = _windowed(case.image)
+    win = windowed(case.image)
     ax_dd, sl = slice_controls(case, axis, lambda: draw())
     mod_dd = W.Dropdown(options=list(case.modalities), value=modality, description="modality")
     st = W.Checkbox(value=stretch, description="stretch colours")
@@ -186,11 +151,11 @@ def attention_viewer(case, model, axis="axial", modality="flair", stretch=True, 
     def draw(*_):
         a, m = AXES[ax_dd.value], case.modalities.index(mod_dd.value)
         lo, hi = _range(att["spatial"], st.value)
-        gray = _take(win[m], a, sl.value)
-        q = _map_rgb(_take(att["spatial"], a, sl.value), lo, hi)
+        gray = take_slice(win[m], a, sl.value)
+        q = _map_rgb(take_slice(att["spatial"], a, sl.value), lo, hi)
         g3 = np.repeat(gray[..., None], 3, -1)
         gap = np.ones((gray.shape[0], 4, 3), np.float32)
-        img.value = _png(np.concatenate([g3, gap, q, gap, (1 - alpha) * g3 + alpha * q], 1), scale)
+        img.value = png_bytes(np.concatenate([g3, gap, q, gap, (1 - alpha) * g3 + alpha * q], 1), scale)
         hl = att["names"][m] if m < len(att["names"]) else None
         bars.value = _bars_html(att["channels"], att["names"], hl)
         info.value = (f"<b>{case.name}</b> · {ax_dd.value} {sl.value}/{sl.max} · {mod_dd.value} | q(v) | overlay · "

@@ -6,25 +6,21 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import statistics
-import threading
-import time
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import BratsError
-from .mie import MIE, act_layer, check_norm, check_spatial_dims, conv_class, norm_layer
+from .core import BratsError, act_layer, atomic_path, check_norm, check_spatial_dims, conv_class, norm_layer
+from .mie import MIE
 from .sie import SIE
 
 # %% auto #0
-__all__ = ['VARIANTS', 'ConvBlock', 'MFUnit', 'DMFUnit', 'check_variant', 'DMFNet', 'build_model', 'count_parameters',
-           'reference_parameters', 'conv_macs', 'bench_model', 'format_bench', 'add_bench_cli']
+__all__ = ['ARMS', 'VARIANTS', 'CHECKPOINT_FORMAT', 'ConvBlock', 'MFUnit', 'DMFUnit', 'arm_network', 'arm_uses_bsc',
+           'check_variant', 'DMFNet', 'build_model', 'count_parameters', 'reference_parameters', 'conv_macs',
+           'save_checkpoint', 'read_checkpoint', 'use_channels_last', 'load_model']
 
 # %% ../nbs/04_dmfnet.ipynb #327b2ce6
 def _tuple(v, n): return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
@@ -80,14 +76,33 @@ class DMFUnit(MFUnit):
         super().__init__(in_channels, out_channels, groups, stride, dilations, **kwargs)
 
 # %% ../nbs/04_dmfnet.ipynb #e78f86d9
-VARIANTS = ("dmfnet", "mie", "sie", "all")
-_VARIANT_MODULES = {"dmfnet": (False, False), "mie": (True, False), "sie": (False, True), "all": (True, True)}
+ARMS = {  # ablation arm: (MIE, SIE, BSC). The network and the loss of an arm follow from its three switches.
+    "dmfnet": (False, False, False),
+    "mie":    (True,  False, False),
+    "sie":    (False, True,  False),
+    "bsc":    (False, False, True),
+    "all":    (True,  True,  True),
+}
+_NETWORKS = {(False, False): "dmfnet", (True, False): "mie", (False, True): "sie", (True, True): "all"}
+VARIANTS = tuple(_NETWORKS.values())  # the network variants: MIE and SIE switched on or off (BSC is a loss)
+_VARIANT_MODULES = {v: k for k, v in _NETWORKS.items()}
+
+def arm_network(arm):
+    "The network variant of an ablation arm (an arm that adds only BSC trains the plain DMFNet)."
+    if arm not in ARMS: raise BratsError(f"unknown arm {arm!r}; use one of {', '.join(ARMS)}")
+    return _NETWORKS[ARMS[arm][:2]]
+
+def arm_uses_bsc(arm):
+    "Whether an ablation arm adds the boundary correction loss."
+    if arm not in ARMS: raise BratsError(f"unknown arm {arm!r}; use one of {', '.join(ARMS)}")
+    return ARMS[arm][2]
 
 def check_variant(variant):
     if variant not in VARIANTS:
         raise BratsError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)} (BSC is a loss, see 06_losses)")
     return variant
 
+# %% ../nbs/04_dmfnet.ipynb #d9c8d4a4
 class DMFNet(nn.Module):
     "DMFNet (Chen et al. 2019) with optional MIE at the input and SIE gates inside. Returns logits."
     def __init__(self, in_channels=4, out_channels=4, channels=32, mid_channels=128, groups=16, norm="batch",
@@ -192,119 +207,41 @@ def conv_macs(model, input_shape, by_module=False):
     if by_module: return {names[k]: v for k, v in counts.items()}
     return sum(counts.values())
 
-# %% ../nbs/04_dmfnet.ipynb #2d520211
-def _rss():
-    try:
-        with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# %% ../nbs/04_dmfnet.ipynb #991d9b9f
+CHECKPOINT_FORMAT = "brats_nb-checkpoint"
 
-class _PeakRSS:
-    "Samples the resident memory in a thread; `peak` is the largest rise above the level at entry (bytes)."
-    def __init__(self, every=0.002): self.every, self.peak = every, 0
-    def __enter__(self):
-        self.base, self._stop = _rss(), threading.Event()
-        def run():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, _rss() - self.base); time.sleep(self.every)
-        self._t = threading.Thread(target=run, daemon=True); self._t.start()
-        return self
-    def __exit__(self, *exc):
-        self._stop.set(); self._t.join(); self.peak = max(self.peak, _rss() - self.base)
+def save_checkpoint(path, **state):
+    "Write a checkpoint dict atomically (temporary file in the same folder, then rename)."
+    with atomic_path(path) as tmp: torch.save({"format": CHECKPOINT_FORMAT, "version": 1, **state}, tmp)
+    return Path(path)
 
-def _fix_malloc():
-    "glibc: serve every allocation over 128 KiB by its own mapping, returned when freed, so that RSS follows live memory."
-    try:
-        import ctypes
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD (also stops its dynamic growth)
-    except (OSError, AttributeError): return False
+def read_checkpoint(path, map_location="cpu"):
+    "Load a brats_nb checkpoint safely (`weights_only=True`); a clear error for a missing, corrupt or foreign file."
+    path = Path(path)
+    if not path.is_file(): raise BratsError(f"{path}: no such checkpoint")
+    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e: raise BratsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise BratsError(f"{path}: not a brats_nb checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    return ck
 
-def _sync(device):
-    if device.type == "cuda": torch.cuda.synchronize(device)
+# %% ../nbs/04_dmfnet.ipynb #219fe5d7
+def use_channels_last(setting, device):
+    "Whether a network should run in channels-last order: `setting` 'on', 'off', or 'auto' (on the CPU only)."
+    if setting not in ("auto", "on", "off"): raise BratsError(f"channels_last {setting!r}: use auto, on or off")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cpu")
 
-def bench_model(variants=VARIANTS, size=128, batch=1, repeats=3, warmup=1, device="auto", amp=True,
-                channels=32, mid_channels=128, groups=16, norm="batch", in_channels=4, out_channels=4, verbose=False):
-    "Measure each variant: parameters, conv MACs, median forward and backward time, peak memory. Returns a list of dicts."
-    variants = list(dict.fromkeys(["dmfnet", *variants]))  # the reference is always measured in the same run
-    for v in variants: check_variant(v)
-    if size % 16: raise BratsError(f"--size {size} must be divisible by 16")
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if device.type == "cuda" and not torch.cuda.is_available(): raise BratsError("device cuda requested but no GPU is available")
-    use_amp = amp and device.type == "cuda"
-    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu": _fix_malloc()
-    rows = []
-    for v in variants:
-        torch.manual_seed(0)
-        kw = dict(in_channels=in_channels, out_channels=out_channels, channels=channels, mid_channels=mid_channels, groups=groups, norm=norm)
-        model = build_model(v, **kw).to(device).train()
-        x = torch.randn(batch, in_channels, size, size, size, device=device)
-        fwd, bwd, peaks = [], [], []
-        for i in range(warmup + repeats):
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device); base = torch.cuda.memory_allocated(device)
-            mon = _PeakRSS() if device.type == "cpu" else None
-            if mon: mon.__enter__()
-            _sync(device); t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-                loss = model(x).float().mean()
-            _sync(device); t1 = time.perf_counter()
-            loss.backward()
-            _sync(device); t2 = time.perf_counter()
-            if mon: mon.__exit__(); peak = mon.peak
-            else: peak = torch.cuda.max_memory_allocated(device) - base
-            del loss
-            if i >= warmup: fwd.append(t1 - t0); bwd.append(t2 - t1); peaks.append(peak)
-            if verbose: print(f"  {v} pass {i}: forward {t1 - t0:.3f} s, backward {t2 - t1:.3f} s, peak {peak / 2**20:.0f} MiB", flush=True)
-        rows.append(dict(variant=v, params=count_parameters(model), macs=conv_macs(model, (1, in_channels, size, size, size)),
-                         forward_s=statistics.median(fwd), backward_s=statistics.median(bwd), peak_mib=statistics.median(peaks) / 2**20,
-                         device=str(device), amp=str(dtype).replace("torch.", "") if use_amp else "fp32", size=size, batch=batch,
-                         repeats=repeats, threads=torch.get_num_threads()))
-        del model, x
-    ref = rows[0]
-    for r in rows:
-        r["macs_ratio"] = r["macs"] / ref["macs"]; r["params_ratio"] = r["params"] / ref["params"]
-        r["time_ratio"] = (r["forward_s"] + r["backward_s"]) / (ref["forward_s"] + ref["backward_s"])
-        r["mem_ratio"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
-    return rows
-
-def format_bench(rows):
-    "The bench table as text (markdown-compatible)."
-    r0 = rows[0]
-    head = (f"model bench: {r0['device']} ({r0['amp']}, {r0['threads']} threads), input {r0['batch']}x4x{r0['size']}^3, "
-            f"training mode, median of {r0['repeats']}; ratios to dmfnet in this run\n")
-    cols = "| variant | params | x | conv GMACs | x | forward s | backward s | fwd+bwd x | peak MiB | x |"
-    lines = [head, cols, "|" + "---|" * 10]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.3f}M | {r['params_ratio']:.3f} | {r['macs'] / 1e9:.2f} | {r['macs_ratio']:.3f} | "
-                     f"{r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['time_ratio']:.2f} | {r['peak_mib']:.0f} | {r['mem_ratio']:.2f} |")
-    return "\n".join(lines)
-
-# %% ../nbs/04_dmfnet.ipynb #ab8a79ae
-def add_bench_cli(bsub):
-    "Register `brats-nb bench model`."
-    p = bsub.add_parser("model", help="parameters, MACs, time and memory of each variant",
-                        description="Benchmark the network variants (forward and backward, training mode) and print a table.")
-    p.add_argument("--size", type=int, default=128, help="input edge in voxels, divisible by 16 (default 128)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"variants (default: {' '.join(VARIANTS)}); dmfnet is always added")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per variant (median; default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
-    p.add_argument("--no-amp", action="store_true", help="on a GPU, measure in fp32 instead of mixed precision")
-    p.add_argument("--channels", type=int, default=32, help="stem channels (default 32)")
-    p.add_argument("--mid-channels", type=int, default=128, help="DMF channels (default 128)")
-    p.add_argument("--groups", type=int, default=16, help="fiber groups (default 16)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every pass")
-    def run(a):
-        if a.repeats < 1 or a.warmup < 0 or a.batch < 1: raise BratsError("--repeats and --batch must be at least 1, --warmup at least 0")
-        rows = bench_model(a.variants, a.size, a.batch, a.repeats, a.warmup, a.device, not a.no_amp,
-                           a.channels, a.mid_channels, a.groups, verbose=a.verbose)
-        print(format_bench(rows))
-        if a.json:
-            from pathlib import Path
-            Path(a.json).write_text(json.dumps(rows, indent=1))
-    p.set_defaults(func=run)
+def load_model(checkpoint, device="cpu", variant=None, channels_last="auto"):
+    """Rebuild the network of a checkpoint and load its weights: returns (model in eval mode, config dict).
+    `channels_last`: 'auto' (channels-last order on the CPU, where it is faster), 'on' or 'off'."""
+    ck = read_checkpoint(checkpoint, map_location="cpu")
+    config = ck.get("config") or {}
+    mk = config.get("model")
+    if not mk: raise BratsError(f"{checkpoint}: checkpoint has no model configuration")
+    if variant is not None and variant not in (mk["variant"], config.get("variant")):
+        raise BratsError(f"{checkpoint}: holds a {config.get('variant', mk['variant'])!r} model, not {variant!r}")
+    model = build_model(**mk)
+    try: model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError) as e: raise BratsError(f"{checkpoint}: weights do not fit the {mk['variant']!r} network ({str(e)[:200]})") from None
+    if use_channels_last(channels_last, device): model.channels_last()
+    return model.to(device).eval(), config

@@ -5,12 +5,10 @@
 # %% ../nbs/03_sie.ipynb #5f63bc88
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from .data import BratsError
-from .mie import conv_class, check_spatial_dims
+from .core import BratsError, conv_class
 
 # %% auto #0
 __all__ = ['SIE', 'gate_dependence', 'receptive_field_map']

@@ -17,11 +17,11 @@ from PIL import Image
 from scipy import ndimage
 from skimage.measure import find_contours
 
-from .data import BratsError
+from .core import BratsError
 from .losses import bsc_loss, generalized_dice_loss
-from .metrics import dice, hd95, _mask
-from .model import build_model, count_parameters
-from .sie import SIE
+from .metrics import dice, hd95, as_mask
+from .model import arm_network, build_model
+from .trainer import train_step
 
 # %% auto #0
 __all__ = ['NUCLEI_STYLES', 'VARIANTS_2D', 'make_nuclei', 'make_lesion', 'read_image_2d', 'read_mask_2d', 'read_dsb_case',
@@ -56,6 +56,7 @@ def _check_size(size):
     if len(size) != 2 or min(size) < 16: raise BratsError(f"size must be (H, W) with H, W >= 16, got {size!r}")
     return size
 
+# %% ../nbs/12_two_d.ipynb #b6022e2d
 def make_nuclei(seed, size=(128, 128), style="fluorescence", count=None, touching=0.35, return_instances=False):
     """A nucleus image and its union mask: (image float32 (3, H, W) in [0, 1], mask uint8 (H, W)).
     `style`: 'fluorescence' (grey, bright nuclei on black) or 'stained' (purple nuclei on pink, RGB).
@@ -96,6 +97,7 @@ def make_nuclei(seed, size=(128, 128), style="fluorescence", count=None, touchin
     out = (image.astype(np.float32), mask)
     return out + (labels,) if return_instances else out
 
+# %% ../nbs/12_two_d.ipynb #9f58f906
 def _bezier(p0, p1, p2, steps):
     s = np.linspace(0, 1, steps)[:, None]
     return (1 - s) ** 2 * p0 + 2 * (1 - s) * s * p1 + s ** 2 * p2
@@ -248,7 +250,6 @@ def contour_pixels(mask):
     pts, rings, seen = [], [], np.zeros(pad.shape, bool)
     for ring, c in enumerate(find_contours(pad.astype(np.float32), 0.5)):
         c = c[:-1]                                           # closed contour: last vertex repeats the first
-        half_r = (c[:, 0] % 1) != 0                          # vertex between two rows (else between two columns)
         a = np.floor(c).astype(np.int64); b = np.ceil(c).astype(np.int64)
         p = np.where(pad[a[:, 0], a[:, 1]][:, None], a, b)   # of the two pixels the vertex separates, the foreground one
         keep = ~seen[p[:, 0], p[:, 1]]
@@ -303,6 +304,7 @@ def _edges(P, R):
     ok = (count >= 3) & (area > 0)                  # a ring with >= 3 points, not all on one line
     return Q, ok[key].reshape(t, n)
 
+# %% ../nbs/12_two_d.ipynb #1861eae8
 def _ragged(counts):
     "For counts (E,): edge index and step 0..count-1 of every item."
     e = np.repeat(np.arange(len(counts)), counts)
@@ -373,6 +375,7 @@ def keypoint_map_2d(points, shape, radius=1):
     out[y[inb], x[inb]] = 1
     return out
 
+# %% ../nbs/12_two_d.ipynb #6a849be2
 def select_keypoints_2d(mask, n=None, t=100, radius=1, seed=0, chunk_pixels=16_000_000):
     """Key boundary points of a 2D binary mask (Lee et al., CVPR 2020): the best of `t` seeded draws of `n`
     contour pixels, scored by the IoU of their polygon(s) with the mask. Returns (map uint8 (H, W), info)."""
@@ -475,6 +478,7 @@ def bench_keypoints_2d(cases=None, t=100, repeats=3, reference=True):
         rows.append(row)
     return rows
 
+# %% ../nbs/12_two_d.ipynb #0d18113c
 def format_bench_2d(rows):
     cols = [c for c in ("case", "shape", "contour", "n", "t", "iou", "fast_ms", "ref_ms", "ratio", "same") if c in rows[0]]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and v < 1 else f"{v:.1f}" if isinstance(v, float) else str(v)
@@ -484,7 +488,7 @@ def format_bench_2d(rows):
 
 # %% ../nbs/12_two_d.ipynb #87dd53cb
 def _pair2d(pred, gt, name):
-    p, g = _mask(pred), _mask(gt)
+    p, g = as_mask(pred), as_mask(gt)
     if p.ndim != 2 or p.shape != g.shape:
         raise BratsError(f"{name}: expected two 2D masks of one shape, got {p.shape} and {g.shape}")
     return p, g
@@ -508,7 +512,7 @@ def hd95_2d(pred, gt, spacing=None) -> float:
     return hd95(p, g, spacing)
 
 # %% ../nbs/12_two_d.ipynb #9ca7c718
-VARIANTS_2D = {"baseline": "dmfnet", "full": "all"}
+VARIANTS_2D = {"baseline": arm_network("dmfnet"), "full": arm_network("all")}  # the 2D arms: without and with MIE + SIE
 
 def build_model_2d(variant="full", in_channels=3, out_channels=2, channels=8, mid_channels=16, groups=4, norm="instance", **kwargs):
     "A 2D DMFNet: 'baseline' (DMFNet) or 'full' (MIE + SIE); logits (B, out_channels, H, W). Other arguments go to `build_model`."
@@ -550,6 +554,9 @@ def train_2d(model, images, masks, steps=50, kmaps=None, bsc_weight=0.1, batch=4
     k_all = None if kmaps is None else torch.from_numpy(np.asarray(kmaps, np.float32))
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5, amsgrad=True)
+    def step_loss(logits, y, k):
+        loss = loss_2d(logits, y, k, bsc_weight)
+        return loss, {"total": loss.item()}
     losses = []
     for _ in range(steps):
         idx = torch.randint(len(x_all), (batch,), generator=gen)
@@ -559,9 +566,9 @@ def train_2d(model, images, masks, steps=50, kmaps=None, bsc_weight=0.1, batch=4
             if torch.rand((), generator=gen) < 0.5:
                 x, y = x.flip(dim), y.flip(dim - 1)
                 k = None if k is None else k.flip(dim - 1)
-        loss = loss_2d(model(x.to(device)), y.to(device), None if k is None else k.to(device), bsc_weight)
-        opt.zero_grad(); loss.backward(); opt.step()
-        losses.append(loss.item())
+        batch_ = {"image": x, "label": y, **({} if k is None else {"keypoints": k})}
+        parts = train_step(model, batch_, step_loss, opt, device)
+        losses.append(parts["total"])
     return losses
 
 @torch.no_grad()
@@ -572,6 +579,7 @@ def predict_2d(model, images, batch=8, device="cpu"):
     return np.concatenate([model(x[i:i + batch].to(device)).argmax(1).cpu().numpy().astype(np.uint8)
                            for i in range(0, len(x), batch)])
 
+# %% ../nbs/12_two_d.ipynb #d0563b3d
 def evaluate_2d(pred, gt, spacing=None):
     "Mean Dice, IoU and HD95 over a stack of 2D masks, and the per-image rows."
     rows = [dict(dice=dice_2d(p, g), iou=iou_2d(p, g), hd95=hd95_2d(p, g, spacing)) for p, g in zip(pred, gt)]

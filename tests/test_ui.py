@@ -282,7 +282,7 @@ def test_keypoint_viewer_in_jupyterlab(lab, browser):
 
 
 def test_prediction_viewer_in_jupyterlab(lab, browser):
-    with notebook_page(browser, lab, "09_inference.ipynb") as page:
+    with notebook_page(browser, lab, "08_inference.ipynb") as page:
         viewer = widget_box(page, has=(".widget-slider", "img", "button:has-text('worst slice')"))
         img = viewer.locator("img").first
         assert loaded(img)
@@ -299,7 +299,7 @@ def test_prediction_viewer_in_jupyterlab(lab, browser):
 
 
 def test_training_curves_in_jupyterlab(lab, browser):
-    with notebook_page(browser, lab, "08_trainer.ipynb", timeout_s=400) as page:
+    with notebook_page(browser, lab, "09_trainer.ipynb", timeout_s=400) as page:
         fig = page.locator(".js-plotly-plot").filter(has_text="validation Dice").first
         fig.wait_for()
         loss = fig.locator(".scatterlayer .trace").first.locator(".points path")
@@ -307,8 +307,8 @@ def test_training_curves_in_jupyterlab(lab, browser):
                                arg=fig.element_handle())
         assert fig.locator(".legendtext", has_text="Dice WT").count() == 1
         shot(page, fig, "training_curves.png")
-        # what train(callbacks=[w.update]) does after an epoch: the kernel appends a row, the page redraws
-        assert kernel_exec(page, "w.update(dict(epoch=4, loss=0.5, gdl=0.5, bsc=0.0, val_WT=0.6, val_TC=0.5, val_ET=0.4, val_mean=0.5))") == "ok"
+        # what train(callbacks=[w.add_row]) does after an epoch: the kernel appends a row, the page redraws
+        assert kernel_exec(page, "w.add_row(dict(epoch=4, loss=0.5, gdl=0.5, bsc=0.0, val_WT=0.6, val_TC=0.5, val_ET=0.4, val_mean=0.5))") == "ok"
         page.wait_for_function("e => e.querySelectorAll('.scatterlayer .trace')[0].querySelectorAll('.points path').length === 4",
                                arg=fig.element_handle())
         assert loss.count() == 4
