@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['NORMS', 'BratsError', 'atomic_path', 'write_text_atomic', 'pick_device', 'amp_dtype', 'autocast', 'bbox',
-           'format_table', 'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer', 'act_layer', 'init_weights']
+__all__ = ['NORMS', 'BratsError', 'atomic_path', 'write_text_atomic', 'pick_device', 'amp_dtype', 'autocast', 'available_cpus',
+           'ThreadGovernor', 'bbox', 'format_table', 'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer',
+           'act_layer', 'init_weights']
 
 # %% ../nbs/00_core.ipynb #a79e28ef
 class BratsError(ValueError):
@@ -64,6 +66,46 @@ def amp_dtype(device, amp="auto"):
 def autocast(device, dtype=None):
     "An autocast context for `dtype` on `device`, or a no-op context for float32 (`dtype` None)."
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
+
+# %% ../nbs/00_core.ipynb #d4309210
+def _cpu_jiffies():
+    "(busy, total) CPU time of the whole machine in seconds, from /proc/stat; None where it cannot be read."
+    try:
+        with open("/proc/stat") as f: v = [float(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError): return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(v[:8]) - v[3] - v[4]) / hz, sum(v[:8]) / hz   # idle and iowait are not busy; guest time is in user
+
+def available_cpus():
+    "The CPUs this process may run on."
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+class ThreadGovernor:
+    "Sets torch's intra-op threads to the CPUs that other processes leave idle (`threads=0`), or to `threads`."
+    def __init__(self, threads=0, max_threads=None):
+        self.fixed = int(threads) or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 0)
+        self.max = max_threads or available_cpus()
+        self._mark()
+
+    def _mark(self):
+        t = os.times()
+        self.t0, self.own0, self.cpu0 = time.perf_counter(), t.user + t.system, _cpu_jiffies()
+
+    def others_busy(self):
+        "CPUs kept busy by other processes since the last mark (a float)."
+        cpu, t = _cpu_jiffies(), os.times()
+        if cpu is None or self.cpu0 is None: return 0.0
+        wall = max(time.perf_counter() - self.t0, 1e-3)
+        return max(0.0, ((cpu[0] - self.cpu0[0]) - (t.user + t.system - self.own0)) / wall)
+
+    def update(self, min_window=0.25):
+        "Choose and set the thread count from the load since the last call (at least `min_window` s: it waits); returns it."
+        if not self.fixed: time.sleep(max(0.0, min_window - (time.perf_counter() - self.t0)))   # a first call: measure a moment
+        n = self.fixed or max(1, min(self.max, round(self.max - self.others_busy())))
+        if n != torch.get_num_threads(): torch.set_num_threads(n)
+        self._mark()
+        return n
 
 # %% ../nbs/00_core.ipynb #862553bc
 def bbox(mask, margin=0):

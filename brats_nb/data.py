@@ -15,14 +15,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .core import BratsError, atomic_path
+from .core import BratsError, atomic_path, bbox
 
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES', 'CaseFiles', 'case_files',
            'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case', 'load_case', 'et_label',
            'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask',
            'normalize', 'windowed', 'take_slice', 'overlay_rgb', 'tumour_centre', 'show_case', 'png_bytes',
-           'slice_controls', 'slice_viewer', 'training_transforms', 'load_extra', 'BratsDataset', 'save_nifti']
+           'slice_controls', 'slice_viewer', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset',
+           'save_nifti', 'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
+           'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -82,7 +84,7 @@ def find_cases(root) -> list[Path]:
     root = Path(root)
     if not root.exists(): raise BratsError(f"{root}: no such folder")
     if not root.is_dir(): raise BratsError(f"{root}: not a folder")
-    dirs = sorted({p.parent for p in root.rglob("*.nii*") if _KEY_RE.match(p.name)})
+    dirs = sorted({Path(d) for d, _, files in os.walk(root, followlinks=True) if any(_KEY_RE.match(f) for f in files)})  # linked folders too
     if not dirs: raise BratsError(f"{root}: no BraTS case found (looked for <case>_t1.nii.gz or <case>-t1n.nii.gz files)")
     for d in dirs: case_files(d)  # a broken case fails here, by name, before any work starts
     return dirs
@@ -330,13 +332,41 @@ def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
     box.image, box.info, box.case = img, info, case
     return box
 
+# %% ../nbs/00_data.ipynb #a6850540
+class RandTumourCropd:
+    """Crop `keys` to `size`: with probability `fg_fraction` centred on a random tumour voxel of `label`, else uniformly.
+    A MONAI randomizable dictionary transform (MONAI is imported on first use, as in `training_transforms`)."""
+    def __new__(cls, keys, size, fg_fraction=0.5, label_key="label"):
+        from monai.transforms import MapTransform, Randomizable
+        class _Crop(Randomizable, MapTransform):
+            def __init__(self):
+                MapTransform.__init__(self, keys)
+                self.size, self.fg_fraction, self.label_key = tuple(size), float(fg_fraction), label_key
+            def randomize(self, data=None): pass
+            def start(self, shape, fg):
+                if self.R.rand() < self.fg_fraction and len(fg):
+                    c = fg[self.R.randint(len(fg))]
+                    return [int(min(max(int(c[i]) - s // 2, 0), shape[i] - s)) for i, s in enumerate(self.size)]
+                return [int(self.R.randint(0, shape[i] - s + 1)) for i, s in enumerate(self.size)]
+            def __call__(self, data):
+                d = dict(data)
+                lab = d[self.label_key][0]
+                fg = torch.nonzero(torch.as_tensor(lab) > 0) if self.fg_fraction > 0 else []
+                st = self.start(tuple(lab.shape), fg)
+                box = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(st, self.size))
+                for k in self.key_iterator(d): d[k] = d[k][box]
+                return d
+            def __reduce__(self): return (RandTumourCropd, (list(self.keys), self.size, self.fg_fraction, self.label_key))
+        return _Crop()
+
 # %% ../nbs/00_data.ipynb #d5d7b920
-def training_transforms(crop_size, augment=True, extra_keys=()):
-    "The MONAI transform chain of `BratsDataset`: pad, random crop, and the paper's augmentation."
+def training_transforms(crop_size, augment=True, extra_keys=(), fg_fraction=0.0):
+    "The MONAI transform chain of `BratsDataset`: pad, random crop (tumour-centred with probability `fg_fraction`), the paper's augmentation."
     from monai import transforms as T
     spatial = ["image", "label", *extra_keys]
     nearest = ["nearest"] * (1 + len(extra_keys))
     ts = [T.SpatialPadd(spatial, spatial_size=crop_size, mode="constant"),
+          RandTumourCropd(spatial, crop_size, fg_fraction) if fg_fraction > 0 else
           T.RandSpatialCropd(spatial, roi_size=crop_size, random_size=False)]
     if augment:
         r = np.deg2rad(10)
@@ -361,13 +391,13 @@ def load_extra(files: CaseFiles, suffix, shape=None):
 # %% ../nbs/00_data.ipynb #b445ed68
 class BratsDataset(torch.utils.data.Dataset):
     "Random training crops of BraTS cases: dicts with `image` (4, *crop), `label` (classes 0..3, *crop) and any `extra` maps."
-    def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1):
+    def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1, fg_fraction=0.0):
         if isinstance(cases, (str, os.PathLike)): cases = find_cases(cases)
         self.cases = [Path(c) for c in cases]
         if not self.cases: raise BratsError("BratsDataset: no cases given")
         self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
         self.extra, self.cache, self.seed, self.samples_per_case = tuple(extra), cache, seed, samples_per_case
-        self.transform = training_transforms(self.crop_size, augment, self.extra)
+        self.transform = training_transforms(self.crop_size, augment, self.extra, fg_fraction)
         self.epoch, self._cache = 0, {}
 
     def __len__(self): return len(self.cases) * self.samples_per_case
@@ -410,3 +440,87 @@ def save_nifti(array, path, affine, header=None, dtype=None):
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     with atomic_path(path, suffix) as tmp: nib.save(img, str(tmp))
     return path
+
+# %% ../nbs/00_data.ipynb #00583c5a
+def resample_factors(spacing, target=2.0):
+    "Whole factors per axis from voxel `spacing` (mm) to about `target` mm (1 where the spacing is already that coarse)."
+    return tuple(max(1, int(round(target / float(s)))) for s in spacing)
+
+def downsample_arrays(image, label=None, factors=(2, 2, 2), n_classes=None):
+    """Image (C, X, Y, Z) averaged down by whole `factors`; label (X, Y, Z) resampled as one-hot maps (argmax).
+    Returns (image, label) as float32 and uint8 arrays (label None when not given)."""
+    x = torch.as_tensor(np.asarray(image, np.float32))[None]
+    size = tuple(max(1, round(n / f)) for n, f in zip(x.shape[2:], factors))
+    small = torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)[0].numpy()
+    if label is None: return small, None
+    values = np.unique(label) if n_classes is None else np.arange(n_classes)
+    onehot = torch.stack([torch.as_tensor(np.asarray(label) == v, dtype=torch.float32) for v in values])[None]
+    votes = torch.nn.functional.interpolate(onehot, size=size, mode="trilinear", align_corners=False)[0]
+    return small, np.asarray(values)[votes.argmax(0).numpy()].astype(np.uint8)
+
+# %% ../nbs/00_data.ipynb #d987645d
+def brain_box(image, margin=4):
+    "Slices of the brain's bounding box (where any modality is non-zero), grown by `margin` voxels; the whole volume if empty."
+    return bbox(brain_mask(image), margin) or tuple(slice(0, n) for n in np.shape(image)[1:])
+
+def downsampled_affine(affine, box, factors, small_shape, big_shape):
+    "The affine of a volume cut to `box` and resampled from `big_shape` to `small_shape` (voxel centres of the blocks)."
+    scale = np.array([b / s for b, s in zip(big_shape, small_shape)], float)
+    m = np.eye(4); m[:3, :3] = np.diag(scale); m[:3, 3] = [sl.start + (sc - 1) / 2 for sl, sc in zip(box, scale)]
+    return np.asarray(affine, float) @ m
+
+def whole_blocks(box, factors, shape):
+    "Grow each slice of `box` to a multiple of its factor (inside `shape` where possible), so that blocks are whole."
+    out = []
+    for sl, f, n in zip(box, factors, shape):
+        a, b = sl.start, sl.stop + (-(sl.stop - sl.start) % f)
+        if b > n: a, b = max(0, a - (b - n)), n
+        out.append(slice(a, b))
+    return tuple(out)
+
+def downsample_case(case, target=2.0, margin=4):
+    "A reduced-resolution `Case` of `case`: cut to the brain (plus `margin`), resampled to about `target` mm."
+    if not isinstance(case, Case): case = load_case(case)
+    factors = resample_factors(case.spacing, target)
+    box = whole_blocks(brain_box(case.image, margin), factors, case.shape)
+    big = case.image[(slice(None),) + box]
+    label = None if case.label is None else case.label[box]
+    image, label = downsample_arrays(big, label, factors)
+    affine = downsampled_affine(case.affine, box, factors, image.shape[1:], big.shape[1:])
+    header = case.header.copy()
+    header.set_zooms(tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3)))
+    return Case(case.name, image, label, affine, header, case.files, case.label_convention, case.modalities)
+
+# %% ../nbs/00_data.ipynb #e489afde
+def write_case_folder(case, root, naming=None):
+    "Write `case` as a BraTS case folder `root/<name>/` (its naming, or `naming`); returns the folder."
+    naming = naming or case.files.naming
+    sep, keys = NAMINGS[naming]["sep"], NAMINGS[naming]["keys"]
+    d = Path(root) / case.name
+    for i, m in enumerate(case.modalities):
+        save_nifti(case.image[i], d / f"{case.name}{sep}{keys[m]}.nii.gz", case.affine, case.header, np.float32)
+    if case.label is not None: save_nifti(case.label, d / f"{case.name}{sep}{keys['seg']}.nii.gz", case.affine, case.header, np.uint8)
+    return d
+
+def downsample_folder(data_dir, out_dir, target=2.0, margin=4, log=print):
+    "Write a reduced-resolution copy of every case of `data_dir` into `out_dir` (same names and layout); returns the folders."
+    out = []
+    for c in find_cases(data_dir):
+        small = downsample_case(c, target, margin)
+        out.append(write_case_folder(small, out_dir))
+        if log: log(f"{small.name}: {'x'.join(map(str, small.shape))} at {'x'.join(f'{s:.1f}' for s in small.spacing)} mm")
+    return out
+
+def add_cli(sub):
+    "Register `brats-nb downsample`."
+    p = sub.add_parser("downsample", help="write a reduced-resolution copy of a BraTS folder (cut to the brain, ~2 mm)",
+                       description="Cut every case of DATA_DIR to its brain and resample it to about --spacing mm; writes the same "
+                                   "layout under --out, ready for training on a CPU.")
+    p.add_argument("data_dir", metavar="DATA_DIR"); p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--spacing", type=float, default=2.0, help="target voxel size in mm (default 2)")
+    p.add_argument("--margin", type=int, default=4, help="voxels kept around the brain (default 4)")
+    def run(a):
+        if a.spacing <= 0: raise BratsError(f"--spacing must be positive, got {a.spacing}")
+        dirs = downsample_folder(a.data_dir, a.out, a.spacing, a.margin)
+        print(f"wrote {len(dirs)} cases under {Path(a.out).resolve()}")
+    p.set_defaults(func=run)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import BratsError, amp_dtype, autocast, pick_device
-from .data import (Case, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
+from .core import BratsError, ThreadGovernor, amp_dtype, autocast, pick_device
+from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
                            classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, windowed, take_slice, png_bytes,
                            tumour_centre, et_label)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
@@ -23,8 +23,9 @@ from .model import load_model
 
 # %% auto #0
 __all__ = ['ERROR_COLORS', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'argmax_classes', 'predict_case',
-           'predict_folder', 'EvalProtocol', 'evaluate_cases', 'disagreement_rgb', 'prediction_viewer',
-           'show_prediction', 'add_cli', 'model_in_channels', 'benchmark_inference', 'format_inference_bench']
+           'predict_folder', 'predict_resampled', 'EvalProtocol', 'evaluate_cases', 'disagreement_rgb',
+           'prediction_viewer', 'show_prediction', 'add_cli', 'model_in_channels', 'benchmark_inference',
+           'format_inference_bench']
 
 # %% ../nbs/08_inference.ipynb #5693ed63
 def pad_to_multiple(x, multiple=16):
@@ -142,6 +143,27 @@ def predict_folder(model, data_dir, out_dir, verbose=True, **kw):
         paths.append(path)
         if verbose: print(f"{case.name}: {'x'.join(map(str, case.shape))} -> {path} ({time.perf_counter() - t0:.1f} s)")
     return paths
+
+# %% ../nbs/08_inference.ipynb #112ba7bb
+@torch.no_grad()
+def predict_resampled(model, case, target=2.0, margin=4, out_path=None, postprocess=True, et_threshold=500, convention=None,
+                      device=None, amp=False, **predict_kwargs):
+    """Label map (X, Y, Z) uint8 of a full-resolution case from a model trained on copies made by `downsample_case`
+    (same `target` and `margin`); written to `out_path` if given. `predict_kwargs` go to `predict_volume` (tta, windows)."""
+    if not isinstance(case, Case): case = load_case(case)
+    convention = convention or case.label_convention
+    et_label(convention)
+    small = downsample_case(case, target, margin)
+    factors = resample_factors(case.spacing, target)
+    box = whole_blocks(brain_box(case.image, margin), factors, case.shape)
+    probs = predict_volume(model, normalize(small.image), device=device, amp=amp, **predict_kwargs)
+    big = F.interpolate(probs[None], size=tuple(s.stop - s.start for s in box), mode="trilinear", align_corners=False)[0]
+    classes = np.zeros(case.shape, np.uint8)
+    classes[box] = argmax_classes(big, brain_mask(case.image[(slice(None),) + box]))
+    if postprocess: classes = postprocess_et(classes, et_threshold)
+    label = classes_to_labels(classes, convention).astype(np.uint8)
+    if out_path is not None: save_nifti(label, out_path, case.affine, case.header, dtype=np.uint8)
+    return label
 
 # %% ../nbs/08_inference.ipynb #c272ee6b
 @dataclass(frozen=True)
@@ -303,17 +325,24 @@ def add_cli(sub):
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on a GPU")
     p.add_argument("--variant", default=None, help="refuse a checkpoint of another variant")
+    p.add_argument("--downsampled", type=float, default=None, metavar="MM",
+                   help="the model was trained on `brats-nb downsample --spacing MM` copies: predict through such a copy, write full resolution")
     def run(a):
         device = pick_device(a.device)
+        if device.type == "cpu": ThreadGovernor().update()   # the cores other processes leave idle (or OMP_NUM_THREADS)
         if a.et_threshold < 0: raise BratsError(f"--et-threshold must be >= 0, got {a.et_threshold}")
         cases = find_cases(a.data_dir)  # bad data fails before the model is loaded and before anything is written
         model, config = load_model(a.checkpoint, device=device, variant=a.variant)
         print(f"{len(cases)} cases, model {config.get('model', {}).get('variant', '?')} on {device}, "
               f"{'8-flip TTA' if a.tta else 'no TTA'}, {'sliding window ' + str(a.roi_size) if a.sliding_window else 'whole volume'}")
-        paths = predict_folder(model, a.data_dir, a.out, tta=a.tta, sliding_window=a.sliding_window, roi_size=a.roi_size,
-                               overlap=a.overlap, postprocess=not a.no_postprocess, et_threshold=a.et_threshold,
-                               mask_background=not a.no_brain_mask,
-                               device=device, amp=a.amp)
+        if a.downsampled is not None and (a.downsampled <= 0 or a.no_brain_mask):
+            raise BratsError("--downsampled needs a positive spacing in mm, and predicts inside the brain only (no --no-brain-mask)")
+        kw = dict(tta=a.tta, sliding_window=a.sliding_window, roi_size=a.roi_size, overlap=a.overlap, postprocess=not a.no_postprocess,
+                  et_threshold=a.et_threshold, device=device, amp=a.amp)
+        if a.downsampled is None: paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, **kw)
+        else:
+            paths = [Path(a.out) / f"{c.name}.nii.gz" for c in cases]
+            for c, p in zip(cases, paths): predict_resampled(model, c, a.downsampled, out_path=p, **kw)
         print(f"wrote {len(paths)} predictions to {Path(a.out).resolve()}")
     p.set_defaults(func=run)
 

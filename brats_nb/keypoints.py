@@ -18,7 +18,7 @@ import torch
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from .core import BratsError, atomic_path, bbox
+from .core import BratsError, atomic_path, bbox, pick_device
 from .data import (REGIONS, Case, read_nifti, detect_label_convention, find_cases, load_case, labels_to_regions, save_nifti,
                            case_files, take_slice, windowed, png_bytes, AXES)
 from .synth import samples_dir
@@ -109,8 +109,7 @@ def column_intervals(tris, normals, cand, n_cand, shape2, device="cpu"):
 
 # %% ../nbs/05_keypoints.ipynb #a103f0ec
 def _default_device(device=None):
-    if device is not None: return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pick_device("auto" if device is None else device)
 
 def fill_hull(points, shape, device=None) -> np.ndarray:
     "The filled convex hull of integer points (N, 3) on a grid of `shape`, as a bool volume (exact). A set with no 3D hull gives its own voxels."

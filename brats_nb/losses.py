@@ -38,11 +38,21 @@ def _check(logits_or_probs, target, name):
         raise BratsError(f"{name}: target classes must be 0..3, got values {int(target.min())}..{int(target.max())}")
     return target
 
-def generalized_dice_loss(probs, target, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5):
-    "Generalised Dice loss with squared-volume weights of softmax `probs` (B, 4, ...) and classes `target` (B, ...)."
+def _gdl_batch(p, g, eps):
+    "DMFNet's form: sums over the batch and space, w = 1/(|G|^2 + eps) (an absent class weighs 1/eps)."
+    dims = (0, *range(2, p.ndim))
+    inter, vol_p, vol_g = (p * g).sum(dims), p.sum(dims), g.sum(dims)   # (C,)
+    w = 1.0 / (vol_g * vol_g + eps)
+    return 1 - 2 * (w * inter).sum() / ((w * (vol_p + vol_g)).sum() + eps)
+
+def generalized_dice_loss(probs, target, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, weights="sample"):
+    """Generalised Dice loss with squared-volume weights of softmax `probs` (B, 4, ...) and classes `target` (B, ...).
+    `weights`: 'sample' (per sample, as MONAI) or 'batch' (one weight set per batch, absent class 1/eps, as DMFNet)."""
+    if weights not in ("sample", "batch"): raise BratsError(f"generalized_dice_loss: weights {weights!r}: use 'sample' or 'batch'")
     target = _check(probs, target, "generalized_dice_loss")
     g = F.one_hot(target, 4).movedim(-1, 1).to(probs.dtype)
     if not include_background: probs, g = probs[:, 1:], g[:, 1:]
+    if weights == "batch": return _gdl_batch(probs, g, smooth_dr)
     dims = tuple(range(2, probs.ndim))
     inter, vol_p, vol_g = (probs * g).sum(dims), probs.sum(dims), g.sum(dims)   # (B, C)
     w = 1.0 / vol_g ** 2
@@ -72,18 +82,25 @@ def bsc_loss(rprobs, keypoints):
 
 # %% ../nbs/06_losses.ipynb #70b74d97
 class BratsLoss(nn.Module):
-    "`GDL + bsc_weight * BSC` on logits (B, 4, ...), classes (B, ...) and key point maps (B, 3, ...) or None."
-    def __init__(self, bsc_weight=0.1, inside_only=False, smooth=1e-5):
+    """`GDL + ce_weight * CE + bsc_weight * BSC` on logits (B, 4, ...), classes (B, ...) and key point maps (B, 3, ...) or None.
+    `gdl_weights`: 'batch' (DMFNet's, the default) or 'sample' (MONAI's); `ce_weight` > 0 adds cross-entropy (not in the paper)."""
+    def __init__(self, bsc_weight=0.1, inside_only=False, smooth=1e-5, gdl_weights="batch", ce_weight=0.0):
         super().__init__()
         if bsc_weight < 0: raise BratsError(f"BratsLoss: bsc_weight must be >= 0, got {bsc_weight}")
+        if ce_weight < 0: raise BratsError(f"BratsLoss: ce_weight must be >= 0, got {ce_weight}")
+        if gdl_weights not in ("batch", "sample"): raise BratsError(f"BratsLoss: gdl_weights {gdl_weights!r}: use 'batch' or 'sample'")
         self.bsc_weight, self.inside_only, self.smooth = float(bsc_weight), bool(inside_only), smooth
+        self.gdl_weights, self.ce_weight = gdl_weights, float(ce_weight)
 
     def forward(self, logits, target, keypoints=None):
-        "Returns (total, parts): total a scalar tensor, parts {'gdl', 'bsc', 'total'} as floats (bsc 0.0 when skipped)."
+        "Returns (total, parts): total a scalar tensor, parts {'gdl', 'ce', 'bsc', 'total'} as floats (0.0 for a skipped term)."
         target = _check(logits, target, "BratsLoss")
         probs = torch.softmax(logits.float(), 1)
-        gdl = generalized_dice_loss(probs, target, smooth_nr=self.smooth, smooth_dr=self.smooth)
-        total, bsc = gdl, None
+        gdl = generalized_dice_loss(probs, target, smooth_nr=self.smooth, smooth_dr=self.smooth, weights=self.gdl_weights)
+        total, ce, bsc = gdl, None, None
+        if self.ce_weight > 0:
+            ce = F.cross_entropy(logits.float(), target)
+            total = total + self.ce_weight * ce
         if keypoints is not None and self.bsc_weight > 0:
             if keypoints.shape != (logits.shape[0], 3, *logits.shape[2:]):
                 raise BratsError(f"BratsLoss: key point maps {tuple(keypoints.shape)} must be "
@@ -91,8 +108,9 @@ class BratsLoss(nn.Module):
             m = keypoints.to(probs.dtype)
             if self.inside_only: m = m * target_regions(target)
             bsc = bsc_loss(region_probs(probs), m)
-            total = gdl + self.bsc_weight * bsc
-        parts = dict(gdl=float(gdl.detach()), bsc=float(bsc.detach()) if bsc is not None else 0.0, total=float(total.detach()))
-        return total, parts
+            total = total + self.bsc_weight * bsc
+        f = lambda t: float(t.detach()) if t is not None else 0.0
+        return total, dict(gdl=f(gdl), ce=f(ce), bsc=f(bsc), total=f(total))
 
-    def extra_repr(self): return f"bsc_weight={self.bsc_weight}, inside_only={self.inside_only}"
+    def extra_repr(self):
+        return f"bsc_weight={self.bsc_weight}, ce_weight={self.ce_weight}, gdl_weights={self.gdl_weights!r}, inside_only={self.inside_only}"

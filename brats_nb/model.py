@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import BratsError, act_layer, atomic_path, check_norm, check_spatial_dims, conv_class, norm_layer
+from .core import BratsError, act_layer, atomic_path, check_norm, check_spatial_dims, conv_class, init_weights, norm_layer
 from .mie import MIE
 from .sie import SIE
 
@@ -81,6 +81,7 @@ ARMS = {  # ablation arm: (MIE, SIE, BSC). The network and the loss of an arm fo
     "mie":    (True,  False, False),
     "sie":    (False, True,  False),
     "bsc":    (False, False, True),
+    "all_nobsc": (True, True, False),   # the paper's network without its loss term: what BSC adds to MIE + SIE
     "all":    (True,  True,  True),
 }
 _NETWORKS = {(False, False): "dmfnet", (True, False): "mie", (False, True): "sie", (True, True): "all"}
@@ -164,11 +165,13 @@ class DMFNet(nn.Module):
 # %% ../nbs/04_dmfnet.ipynb #bd8aa49b
 def build_model(variant="all", in_channels=4, out_channels=4, channels=32, mid_channels=128, groups=16, norm="batch",
                 spatial_dims=3, act="relu", dilations=(1, 2, 3), sie_dilations=(1, 2, 4), mie_norm="same",
-                mie_per_modality=True, mie_residual=False, pad_input=False):
+                mie_per_modality=True, mie_residual=False, pad_input=False, init="kaiming"):
     """The network of an ablation arm: `variant` in VARIANTS ('dmfnet', 'mie', 'sie', 'all').
     `norm`: 'batch' (the paper's), 'group', 'instance' or None; `mie_norm`: 'same' (as `norm`) or one of those
     (None with `mie_per_modality=False` is the released MIE); `mie_residual`: x + MIE(x) instead of MIE(x) (not in the
-    paper; see notebook 02). Returns logits (B, out_channels, *spatial)."""
+    paper; see notebook 02); `init`: 'kaiming' (DMFNet's `kaiming_normal_` on every convolution) or 'default' (PyTorch's).
+    Returns logits (B, out_channels, *spatial)."""
+    if init not in ("kaiming", "default"): raise BratsError(f"unknown init {init!r}; use 'kaiming' (DMFNet's) or 'default' (PyTorch's)")
     use_mie, use_sie = _VARIANT_MODULES[check_variant(variant)]
     norm, spatial_dims = check_norm(norm), check_spatial_dims(spatial_dims)
     if mie_norm != "same": mie_norm = check_norm(mie_norm)
@@ -178,6 +181,7 @@ def build_model(variant="all", in_channels=4, out_channels=4, channels=32, mid_c
                   mie_per_modality=bool(mie_per_modality), mie_residual=bool(mie_residual), pad_input=bool(pad_input))
     kw = {k: v for k, v in config.items() if k != "variant"}
     model = DMFNet(**kw, mie=use_mie, sie=use_sie)
+    if init == "kaiming": init_weights(model)
     model.variant, model.config = variant, config
     return model
 

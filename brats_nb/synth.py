@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -13,10 +15,12 @@ import numpy as np
 from scipy import ndimage
 
 import brats_nb
+from .core import BratsError
 
 # %% auto #0
-__all__ = ['TISSUES', 'CONTRAST', 'TISSUE_LABEL', 'MODALITY_FILES', 'SAMPLES_DIR', 'N_SAMPLES', 'SAMPLE_SHAPE', 'smooth_field',
-           'make_case', 'best_threshold_dice', 'write_case', 'make_samples', 'samples_dir', 'add_cli']
+__all__ = ['TISSUES', 'CONTRAST', 'TISSUE_LABEL', 'MODALITY_FILES', 'SAMPLES_DIR', 'N_SAMPLES', 'SAMPLE_SHAPE', 'N_HELDOUT',
+           'smooth_field', 'make_case', 'best_threshold_dice', 'write_case', 'make_samples', 'samples_dir',
+           'heldout_dir', 'add_cli']
 
 # %% ../nbs/01_synth.ipynb #d696ee72
 def smooth_field(rng, shape, cells=6):
@@ -146,12 +150,12 @@ def _repo_samples():
     return Path(brats_nb.__file__).resolve().parent.parent / "data_samples"
 
 SAMPLES_DIR = _repo_samples()  # the bundled samples of a source checkout
-N_SAMPLES, SAMPLE_SHAPE = 10, (96, 96, 96)
+N_SAMPLES, SAMPLE_SHAPE, N_HELDOUT = 10, (96, 96, 96), 8
 
-def make_samples(out_dir=SAMPLES_DIR, n=N_SAMPLES, seed=0, shape=SAMPLE_SHAPE, naming="brats2017"):
-    "Write `n` synthetic cases `Synth_000`... under `out_dir`; the same arguments give the same bytes."
+def make_samples(out_dir=SAMPLES_DIR, n=N_SAMPLES, seed=0, shape=SAMPLE_SHAPE, naming="brats2017", start=0):
+    "Write `n` synthetic cases `Synth_<start>`... under `out_dir`; case i depends on (seed, i) only, so the same arguments give the same bytes."
     out = []
-    for i in range(n):
+    for i in range(start, start + n):
         arrays = make_case(seed=np.random.SeedSequence([seed, i]), shape=shape)
         out.append(write_case(arrays, out_dir, f"Synth_{i:03d}", naming=naming))
     return out
@@ -165,6 +169,22 @@ def samples_dir():
     if not (cache / f"Synth_{N_SAMPLES - 1:03d}").is_dir(): make_samples(cache)
     return cache
 
+def heldout_dir(n=N_HELDOUT):
+    """The held-out companions of the samples: `Synth_010`... made by the same seeded generator (the bytes that
+    `brats-nb make-samples --n 18` writes for them), written once to a cache ($BRATS_NB_HELDOUT or ~/.cache/brats_nb)."""
+    env = os.environ.get("BRATS_NB_HELDOUT")
+    out = Path(env) if env else Path.home() / ".cache" / "brats_nb" / f"heldout-{n}"
+    if (out / f"Synth_{N_SAMPLES + n - 1:03d}").is_dir(): return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        make_samples(tmp, n, start=N_SAMPLES)
+        if out.exists(): shutil.rmtree(out)           # an incomplete set from an interrupted run
+        os.replace(tmp, out)                            # the whole set appears at once
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
 # %% ../nbs/01_synth.ipynb #970aeb24
 def add_cli(sub):
     "Register `brats-nb make-samples`."
@@ -175,7 +195,9 @@ def add_cli(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=list(SAMPLE_SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--naming", choices=list(MODALITY_FILES), default="brats2017")
+    p.add_argument("--start", type=int, default=0, help="index of the first case (10: the held-out companions of the samples)")
     def run(a):
-        dirs = make_samples(a.out_dir, a.n, a.seed, tuple(a.shape), a.naming)
+        if a.n < 1 or a.start < 0: raise BratsError(f"--n must be at least 1 and --start at least 0, got {a.n} and {a.start}")
+        dirs = make_samples(a.out_dir, a.n, a.seed, tuple(a.shape), a.naming, a.start)
         print(f"wrote {len(dirs)} cases under {Path(a.out_dir).resolve()}")
     p.set_defaults(func=run)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .core import BratsError, amp_dtype, autocast, pick_device
+from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_norm, pick_device
 from .data import BratsDataset, REGIONS, find_cases
-from .synth import samples_dir
+from .synth import heldout_dir, samples_dir
 from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
 from .keypoints import preprocess_case
 from .losses import BratsLoss
@@ -46,7 +46,9 @@ class TrainConfig:
     mid_channels: int = 128     # network width: DMF channels
     groups: int = 16            # multi-fiber groups
     norm: str = "batch"         # normalisation layer of the network
+    mie_norm: str = "same"      # normalisation inside MIE: same (as norm), batch, group, instance or none
     mie_residual: bool = False  # x + MIE(x) instead of the paper's MIE(x) (arms mie and all; see notebook 02)
+    init: str = "kaiming"       # weight initialisation: kaiming (DMFNet's kaiming_normal_) or default (PyTorch's)
     crop_size: int = 128        # training crop edge, voxels
     batch_size: int = 8         # crops per step (over all processes)
     epochs: int = 500
@@ -55,13 +57,21 @@ class TrainConfig:
     amsgrad: bool = True
     poly_power: float = 0.9     # lr = lr0 * (1 - epoch / epochs) ** poly_power
     bsc_weight: float = 0.1     # weight of the boundary correction loss (arms bsc and all)
+    bsc_warmup: int = 0         # epochs of training before BSC is switched on (not in the paper; CPU preset 5)
+    gdl_weights: str = "batch"  # generalised Dice weights: batch (DMFNet's, one set per batch) or sample (MONAI's)
+    ce_weight: float = 0.0      # weight of a cross-entropy term (not in the paper; CPU preset 1)
+    fg_fraction: float = 0.0    # share of training crops centred on a tumour voxel (not in the paper; CPU preset 0.5)
+    val_data: str = ""          # validation cases: empty, a seeded split of `data`; a folder; or 'heldout' (samples only)
     val_fraction: float = 0.2   # share of the cases held out for validation (by a seeded split)
-    val_every: int = 1          # validate every N epochs
+    val_every: int = 1          # validate every N epochs (and after the last); 0: never during training
+    val_window: str = "auto"    # validation: auto (sliding windows of crop_size for group/instance norm), whole, sliding
+    val_tta: bool = False       # validation with 8-flip test-time augmentation
     samples_per_case: int = 1   # crops drawn from each training case per epoch
     workers: int = 4            # data loading processes per training process
     cache: bool = False         # keep normalised cases in memory (small data sets)
     amp: str = "auto"           # auto (bf16 where supported, else fp16 with a scaler; none on CPU), bf16, fp16, none
     device: str = "auto"        # auto, cpu, cuda
+    threads: int = 0            # CPU threads; 0: the CPUs other processes leave idle, re-checked every epoch
     channels_last: str = "auto" # memory order of the network: auto (channels-last on the CPU), on, off
     seed: int = 0               # initialisation, crop order and augmentation
     split_seed: int = 0         # the train/validation split (kept apart from `seed`, so that seeds share one split)
@@ -74,7 +84,8 @@ class TrainConfig:
 
     def model_kwargs(self):
         return dict(variant=self.model_variant, in_channels=4, out_channels=4, channels=self.channels,
-                    mid_channels=self.mid_channels, groups=self.groups, norm=self.norm, mie_residual=self.mie_residual)
+                    mid_channels=self.mid_channels, groups=self.groups, norm=self.norm, mie_norm=self.mie_norm,
+                    mie_residual=self.mie_residual)
 
     def check(self):
         "Raise a BratsError for an impossible configuration; returns self."
@@ -83,11 +94,22 @@ class TrainConfig:
         if self.amp not in ("auto", "bf16", "fp16", "none"): raise BratsError(f"amp {self.amp!r}: use auto, bf16, fp16 or none")
         if self.channels_last not in ("auto", "on", "off"): raise BratsError(f"channels_last {self.channels_last!r}: use auto, on or off")
         if self.epochs < 1 or self.batch_size < 1: raise BratsError("epochs and batch_size must be at least 1")
+        for name, value, allowed in (("init", self.init, ("kaiming", "default")), ("gdl_weights", self.gdl_weights, ("batch", "sample")),
+                                     ("val_window", self.val_window, ("auto", "whole", "sliding"))):
+            if value not in allowed: raise BratsError(f"{name} {value!r}: use one of {', '.join(allowed)}")
+        if not 0 <= self.fg_fraction <= 1: raise BratsError(f"fg_fraction {self.fg_fraction} must be in [0, 1]")
+        if min(self.ce_weight, self.bsc_weight, self.bsc_warmup, self.val_every, self.threads) < 0:
+            raise BratsError("ce_weight, bsc_weight, bsc_warmup, val_every and threads must be >= 0")
+        if self.val_data == "heldout" and self.data: raise BratsError("val_data 'heldout' is the held-out set of the bundled samples; "
+                                                                      f"with data {self.data!r} give a folder or leave it empty")
+        check_norm(self.norm); self.mie_norm == "same" or check_norm(self.mie_norm)
         return self
 
     def val_protocol(self):
-        "How validation predicts and scores (see `08_inference`): the whole volume, no TTA, no post-processing, Dice only."
-        return EvalProtocol()
+        """How validation predicts and scores (see `08_inference`). A model with group or instance norm is judged on
+        sliding windows of its training crop size (the statistics it was trained with), one with batch norm whole."""
+        sliding = self.val_window == "sliding" or (self.val_window == "auto" and check_norm(self.norm) in ("group", "instance"))
+        return EvalProtocol(sliding_window=sliding, roi_size=self.crop_size, tta=self.val_tta)
 
     def to_dict(self): return asdict(self)
     def save(self, path): Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -108,8 +130,8 @@ class TrainConfig:
 # %% ../nbs/09_trainer.ipynb #25046ca5
 PRESETS = {
     "paper": {},
-    "cpu": dict(channels=8, mid_channels=16, groups=4, norm="group", crop_size=48, batch_size=2, epochs=20, workers=0, cache=True,
-                samples_per_case=2, lr=3e-3, val_every=2),
+    "cpu": dict(channels=8, mid_channels=16, groups=4, norm="group", crop_size=64, batch_size=1, epochs=20, workers=0, cache=True,
+                samples_per_case=2, lr=3e-3, val_every=10, ce_weight=1.0, fg_fraction=0.5, bsc_warmup=5),
 }
 
 def preset(name="paper", **overrides):
@@ -174,10 +196,12 @@ def split_cases(cases, val_fraction=0.2, seed=0):
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 def config_cases(cfg):
-    "The (train, validation) case folders of a configuration: its data (or the samples), `max_cases`, the seeded split."
+    """The (train, validation) case folders of a configuration: its data (or the samples) and `max_cases`, then
+    a seeded split, or every case for training when `val_data` names the validation cases."""
     cases = find_cases(cfg.data or samples_dir())
     if cfg.max_cases: cases = cases[: cfg.max_cases]
-    return split_cases(cases, cfg.val_fraction, cfg.split_seed)
+    if not cfg.val_data: return split_cases(cases, cfg.val_fraction, cfg.split_seed)
+    return sorted(cases), find_cases(heldout_dir() if cfg.val_data == "heldout" else cfg.val_data)
 
 # %% ../nbs/09_trainer.ipynb #5a2975c2
 def _rng_state():
@@ -229,7 +253,8 @@ def train_step(net, batch, loss_fn, opt=None, device="cpu", amp=None, scaler=Non
     return parts
 
 # %% ../nbs/09_trainer.ipynb #e3667013
-LOG_FIELDS = ["epoch", "lr", "loss", "gdl", "bsc", "val_WT", "val_TC", "val_ET", "val_mean", "epoch_s", "data_s", "compute_s", "world"]
+LOG_FIELDS = ["epoch", "lr", "loss", "gdl", "ce", "bsc", "val_WT", "val_TC", "val_ET", "val_mean", "epoch_s", "data_s", "compute_s",
+              "world", "threads"]
 
 def _log_row(path, row):
     new = not path.exists()
@@ -268,7 +293,7 @@ class Run:
     cfg: TrainConfig; d: Dist; device: torch.device; out: Path; train_cases: list; val_cases: list
     ds: BratsDataset; sampler: EpochSampler; loader_kw: dict; model: torch.nn.Module; net: torch.nn.Module
     opt: torch.optim.Optimizer; sched: object; amp: object; scaler: object; amp_name: str; loss_fn: BratsLoss
-    start: int = 0; best: float = -1.0
+    threads: ThreadGovernor | None = None; start: int = 0; best: float = -1.0
 
 def setup_run(cfg: TrainConfig):
     "Device, process group, seeds, cases, key points, data, network, optimiser, schedule and loss of a run."
@@ -276,25 +301,27 @@ def setup_run(cfg: TrainConfig):
     kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     d = setup_distributed(kind)
     device = run_device(cfg, d)
+    threads = ThreadGovernor(cfg.threads) if device.type == "cpu" else None
+    if threads: threads.update()
     torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
     if device.type == "cuda": torch.backends.cudnn.benchmark = True
     train_cases, val_cases = config_cases(cfg)
     if cfg.uses_bsc: prepare_keypoints(cfg, train_cases, d)
     ds = BratsDataset(train_cases, cfg.crop_size, augment=True, extra=("keypoints",) if cfg.uses_bsc else (),
-                      cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case)
+                      cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction)
     sampler = EpochSampler(len(ds), cfg.seed, d.rank, d.world)
     loader_kw = dict(batch_size=max(1, cfg.batch_size // d.world), sampler=sampler, num_workers=cfg.workers, drop_last=False,
                      pin_memory=device.type == "cuda", **(dict(prefetch_factor=2) if cfg.workers > 0 else {}))
-    model = build_model(**cfg.model_kwargs()).to(device)
+    model = build_model(**cfg.model_kwargs(), init=cfg.init).to(device)
     if use_channels_last(cfg.channels_last, device): model.channels_last()
     if d.on and device.type == "cuda": model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.on else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg.epochs, cfg.poly_power))
     amp, scaler, amp_name = amp_setup(cfg, device)
-    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0)
+    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0, gdl_weights=cfg.gdl_weights, ce_weight=cfg.ce_weight)
     return Run(cfg, d, device, Path(cfg.out), train_cases, val_cases, ds, sampler, loader_kw, model, net, opt, sched,
-               amp, scaler, amp_name, loss_fn)
+               amp, scaler, amp_name, loss_fn, threads)
 
 # %% ../nbs/09_trainer.ipynb #651b07f3
 def restore_run(run: Run, resume=False, quiet=False):
@@ -302,7 +329,7 @@ def restore_run(run: Run, resume=False, quiet=False):
     cfg, out = run.cfg, run.out
     if resume and (out / "latest.pt").exists():
         ck = read_checkpoint(out / "latest.pt")
-        if {"mie_residual": False, **ck["config"]["model"]} != cfg.model_kwargs() or ck["config"]["variant"] != cfg.variant:
+        if {"mie_residual": False, "mie_norm": "same", **ck["config"]["model"]} != cfg.model_kwargs() or ck["config"]["variant"] != cfg.variant:
             raise BratsError(f"{out / 'latest.pt'}: a {ck['config']['variant']!r} run with network {ck['config']['model']}; "
                              f"cannot resume it as {cfg.variant!r} with {cfg.model_kwargs()}")
         run.model.load_state_dict(ck["model"]); run.opt.load_state_dict(ck["optimizer"]); run.sched.load_state_dict(ck["scheduler"])
@@ -319,9 +346,10 @@ def train_epoch(run: Run, epoch, quiet=False):
     from tqdm.auto import tqdm
     d, device = run.d, run.device
     run.ds.set_epoch(epoch); run.sampler.set_epoch(epoch)
+    if run.cfg.uses_bsc: run.loss_fn.bsc_weight = run.cfg.bsc_weight if epoch >= run.cfg.bsc_warmup else 0.0
     loader = torch.utils.data.DataLoader(run.ds, **run.loader_kw)
     run.net.train()
-    sums, n, t_data, t_comp, seen = {"loss": 0.0, "gdl": 0.0, "bsc": 0.0}, 0, 0.0, 0.0, []
+    sums, n, t_data, t_comp, seen = {"loss": 0.0, "gdl": 0.0, "ce": 0.0, "bsc": 0.0}, 0, 0.0, 0.0, []
     t0 = time.perf_counter(); tick = t0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=quiet or not d.main, leave=False)
     for batch in bar:
@@ -333,20 +361,21 @@ def train_epoch(run: Run, epoch, quiet=False):
         tick = time.perf_counter(); t_comp += tick - t1
         bar.set_postfix(loss=f"{parts['total']:.4f}")
     run.sched.step()
+    if run.threads: run.threads.update()  # fewer threads when other processes took cores during the epoch
     if not quiet: print(f"[rank {d.rank}/{d.world}] epoch {epoch + 1}: {n} steps on {len(seen)} crops: {','.join(sorted(set(seen)))}", flush=True)
     means = {k: v / max(n, 1) for k, v in sums.items()}
     if d.on:  # average the logged losses over the ranks
-        t = torch.tensor([means["loss"], means["gdl"], means["bsc"]], device=device)
+        t = torch.tensor([means[k] for k in sums], device=device)
         dist.all_reduce(t); t /= d.world
-        means = dict(zip(("loss", "gdl", "bsc"), t.tolist()))
+        means = dict(zip(sums, t.tolist()))
     return {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"], **means, "epoch_s": time.perf_counter() - t0,
-            "data_s": t_data, "compute_s": t_comp, "world": d.world}
+            "data_s": t_data, "compute_s": t_comp, "world": d.world, "threads": torch.get_num_threads()}
 
 # %% ../nbs/09_trainer.ipynb #a6701b21
 def finish_epoch(run: Run, epoch, row, tb=None, callbacks=()):
     "Rank 0 after an epoch: validation when due, `latest.pt` (and `best.pt` when validation improved), the log, callbacks."
     cfg, out = run.cfg, run.out
-    if run.val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+    if run.val_cases and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
         _, v = evaluate_cases(run.model, run.val_cases, cfg.val_protocol(), run.device, amp=run.amp is not None)
         row.update({f"val_{k}": v[f"Dice_{k}"] for k in REGIONS}, val_mean=v["Dice_mean"])
     improved = row.get("val_mean", -1.0) > run.best
@@ -391,11 +420,11 @@ def curve_widget(rows=()):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     base = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "validation Dice"))
-    for k in ("loss", "gdl", "bsc"): base.add_scatter(x=[], y=[], name=k, mode="lines+markers", row=1, col=1)
+    for k in ("loss", "gdl", "ce", "bsc"): base.add_scatter(x=[], y=[], name=k, mode="lines+markers", row=1, col=1)
     for k in (*REGIONS, "mean"): base.add_scatter(x=[], y=[], name=f"Dice {k}", mode="lines+markers", row=1, col=2)
     base.update_layout(height=320, margin=dict(l=40, r=10, t=40, b=30))
     fig = go.FigureWidget(base)
-    keys = ["loss", "gdl", "bsc", *[f"val_{k}" for k in REGIONS], "val_mean"]
+    keys = ["loss", "gdl", "ce", "bsc", *[f"val_{k}" for k in REGIONS], "val_mean"]
     hist = []
     def update(row):
         hist.append(row)
@@ -413,7 +442,7 @@ def plot_curves(run_dir, ax=None):
     rows = read_log(run_dir)
     if ax is None: fig, ax = plt.subplots(1, 2, figsize=(10, 3))
     ep = [r["epoch"] for r in rows]
-    for k in ("loss", "gdl", "bsc"): ax[0].plot(ep, [r[k] for r in rows], ".-", label=k)
+    for k in ("loss", "gdl", "ce", "bsc"): ax[0].plot(ep, [r.get(k, float("nan")) for r in rows], ".-", label=k)
     for k in (*REGIONS, "mean"): ax[1].plot(ep, [r[f"val_{k}"] for r in rows], ".-", label=k)
     ax[0].set_title("training loss"); ax[1].set_title("validation Dice"); ax[1].set_ylim(0, 1)
     for a in ax: a.set_xlabel("epoch"); a.legend(fontsize=7)

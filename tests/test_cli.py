@@ -39,10 +39,10 @@ def test_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     floor = re.search(r"labelling the whole brain as tumour would give WT (\d\.\d{3})", r.stdout)
     assert floor and 0 < float(floor.group(1)) < 1, r.stdout[-2000:]
-    for f in ("run/best.pt", "run/metrics.csv", "metrics.csv", "curves.png", "prediction.png"):
+    for f in ("run/latest.pt", "run/metrics.csv", "metrics.csv", "curves.png", "prediction.png"):
         assert (out / f).exists(), f
     preds = sorted((out / "predictions").glob("*.nii.gz"))
-    assert preds and all(p.stat().st_size > 0 for p in preds)
+    assert len(preds) == 8 and all(p.stat().st_size > 0 for p in preds)   # the eight held-out companions of the samples
     rows = list(csv.reader(open(out / "metrics.csv")))
     assert rows[0][:4] == ["case", "Dice_WT", "Dice_TC", "Dice_ET"] and [r[0] for r in rows[-3:]] == ["mean", "median", "std"]
     assert str(out.resolve()) in r.stdout

@@ -117,7 +117,7 @@ def test_bratsloss_parts_weight_and_variants():
     assert parts["total"] == pytest.approx(parts["gdl"] + 0.1 * parts["bsc"], abs=1e-6)
     assert BratsLoss(bsc_weight=0.5)(lg, t, km)[1]["total"] == pytest.approx(parts["gdl"] + 0.5 * parts["bsc"], abs=1e-6)
     assert BratsLoss(inside_only=True)(lg, t, km)[1]["bsc"] == pytest.approx(0, abs=1e-6)
-    assert BratsLoss()(lg, t)[1] == {"gdl": parts["gdl"], "bsc": 0.0, "total": parts["gdl"]}
+    assert BratsLoss()(lg, t)[1] == {"gdl": parts["gdl"], "ce": 0.0, "bsc": 0.0, "total": parts["gdl"]}
     assert BratsLoss(bsc_weight=0)(lg, t, km)[1]["bsc"] == 0.0
     # targets with a channel axis or as floats are accepted
     assert BratsLoss()(lg, t[:, None].float(), km)[1]["total"] == pytest.approx(parts["total"], abs=1e-6)
@@ -143,3 +143,20 @@ def test_training_step_decreases_the_loss():
     for _ in range(20):
         opt.zero_grad(); total, parts = fn(lg, t, km); total.backward(); opt.step()
     assert parts["gdl"] < first["gdl"] and parts["bsc"] < first["bsc"]
+
+
+def test_cross_entropy_term_and_batch_weights():
+    torch.manual_seed(0)
+    lg = torch.randn(2, 4, 6, 6, 6, requires_grad=True)
+    t = torch.randint(0, 4, (2, 6, 6, 6))
+    total, parts = BratsLoss(bsc_weight=0, ce_weight=0.5)(lg, t)
+    assert parts["ce"] == pytest.approx(float(torch.nn.functional.cross_entropy(lg, t)), abs=1e-6)
+    assert parts["total"] == pytest.approx(parts["gdl"] + 0.5 * parts["ce"], abs=1e-6)
+    total.backward(); assert torch.isfinite(lg.grad).all()
+    assert BratsLoss()(lg, t)[1]["ce"] == 0.0                                  # off by default, as in the paper
+    # DMFNet's batch weights: a class absent from the whole batch weighs 1/eps, so predicting it costs almost everything
+    no_et = torch.where(t == 3, torch.zeros_like(t), t)
+    flood_et = torch.full((2, 4, 6, 6, 6), -5.0); flood_et[:, 3] = 5.0
+    assert generalized_dice_loss(torch.softmax(flood_et, 1), no_et, weights="batch") > 0.99
+    with pytest.raises(BratsError, match="gdl_weights"): BratsLoss(gdl_weights="median")
+    with pytest.raises(BratsError, match="ce_weight"): BratsLoss(ce_weight=-1)

@@ -153,3 +153,13 @@ def test_checkpoint_from_before_mie_residual_still_resumes(tmp_path):
     # a residual run is a different network: it does not resume the plain one
     r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "3", "--mie-residual", "true", "--out", str(out), "--resume")
     assert r.returncode == 2 and "cannot resume" in r.stderr
+
+
+def test_heldout_cases_of_the_samples():
+    "val_data='heldout': train on all ten samples, judge on the eight generated companions (never among the ten)."
+    from brats_nb.trainer import config_cases, preset
+    train, val = config_cases(preset("cpu", val_data="heldout"))
+    assert [c.name for c in train] == [f"Synth_{i:03d}" for i in range(10)]
+    assert [c.name for c in val] == [f"Synth_{i:03d}" for i in range(10, 18)]
+    train, val = config_cases(preset("cpu"))                                   # empty val_data: the seeded split
+    assert len(train) == 8 and len(val) == 2 and not set(train) & set(val)
