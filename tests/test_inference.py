@@ -16,7 +16,7 @@ from brats_nb.data import BratsError, brain_mask, find_cases, labels_to_regions,
 from brats_nb.inference import (benchmark_inference, format_inference_bench, postprocess_et, predict_case, predict_folder,
                                 predict_volume, prediction_viewer, show_prediction, tta_flips, pad_to_multiple,
                                 ERROR_COLORS)
-from brats_nb.model import build_model
+from brats_nb.model import build_model, load_model
 from brats_nb.synth import SAMPLES_DIR, make_case, write_case
 
 HAS_TRAINER = importlib.util.find_spec("brats_nb.trainer") is not None
@@ -212,6 +212,7 @@ def sample_data(tmp_path, n=2):
 def test_predict_and_evaluate_commands_on_samples(tmp_path, capsys):
     data = sample_data(tmp_path)
     model = write_checkpoint(tmp_path / "ck.pt").eval()
+    loaded, _ = load_model(tmp_path / "ck.pt")   # channels-last on the CPU, as `brats-nb predict` runs it
     out = tmp_path / "pred"
     assert main(["predict", str(tmp_path / "ck.pt"), str(data), "--out", str(out), "--device", "cpu"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["Synth_000.nii.gz", "Synth_001.nii.gz"]
@@ -219,7 +220,7 @@ def test_predict_and_evaluate_commands_on_samples(tmp_path, capsys):
         case = load_case(data / name)
         img = nib.load(str(out / f"{name}.nii.gz"))
         assert img.shape == case.shape and np.allclose(img.affine, case.affine)
-        assert np.array_equal(np.asanyarray(img.dataobj), predict_case(model, case))  # the checkpoint's weights
+        assert np.array_equal(np.asanyarray(img.dataobj), predict_case(loaded, case))  # the checkpoint's weights, loaded as the CLI does
     assert main(["evaluate", str(out), str(data), "--out", str(tmp_path / "m.csv")]) == 0
     rows = list(csv.DictReader((tmp_path / "m.csv").open()))
     assert [r["case"] for r in rows] == ["Synth_000", "Synth_001", "mean", "median", "std"]
@@ -236,7 +237,7 @@ def test_predict_and_evaluate_commands_on_samples(tmp_path, capsys):
     unmasked = np.asanyarray(nib.load(str(tmp_path / "nomask" / "Synth_000.nii.gz")).dataobj)
     brain = brain_mask(load_case(data / "Synth_000").image)
     assert not masked[~brain].any()
-    assert np.array_equal(unmasked, predict_case(model, data / "Synth_000", mask_background=False))
+    assert np.array_equal(unmasked, predict_case(loaded, data / "Synth_000", mask_background=False))
     capsys.readouterr()
 
 
