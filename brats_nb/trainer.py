@@ -423,17 +423,19 @@ def curve_widget(rows=()):
     for k in ("loss", "gdl", "ce", "bsc"): base.add_scatter(x=[], y=[], name=k, mode="lines+markers", row=1, col=1)
     for k in (*REGIONS, "mean"): base.add_scatter(x=[], y=[], name=f"Dice {k}", mode="lines+markers", row=1, col=2)
     base.update_layout(height=320, margin=dict(l=40, r=10, t=40, b=30))
-    fig = go.FigureWidget(base)
     keys = ["loss", "gdl", "ce", "bsc", *[f"val_{k}" for k in REGIONS], "val_mean"]
-    hist = []
-    def update(row):
-        hist.append(row)
-        with fig.batch_update():
-            for tr, k in zip(fig.data, keys):
-                pts = [(r["epoch"], r[k]) for r in hist if k in r and r[k] == r[k]]
-                tr.x = [p[0] for p in pts]; tr.y = [p[1] for p in pts]
-    for r in rows: update(r)
-    object.__setattr__(fig, "add_row", update)  # a new attribute (plotly's own __setattr__ takes only figure properties)
+
+    class CurveWidget(go.FigureWidget):
+        "The figure, with `add_row(row)`: a callback of `train` that appends an epoch and redraws."
+        def add_row(self, row):
+            self._rows = [*getattr(self, "_rows", []), row]   # plotly lets a figure hold underscore attributes only
+            with self.batch_update():
+                for tr, k in zip(self.data, keys):
+                    pts = [(r["epoch"], r[k]) for r in self._rows if k in r and r[k] == r[k]]
+                    tr.x = [p[0] for p in pts]; tr.y = [p[1] for p in pts]
+
+    fig = CurveWidget(base)
+    for r in rows: fig.add_row(r)
     return fig
 
 def plot_curves(run_dir, ax=None):

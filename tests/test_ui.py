@@ -56,10 +56,11 @@ def lab(tmp_path_factory):
                             ("@jupyterlab/notebook-extension", "tracker", {"windowingMode": "none"})]:
         (settings / ext).mkdir(parents=True, exist_ok=True)
         (settings / ext / f"{name}.jupyterlab-settings").write_text(json.dumps(body))
-    # the notebooks refer to ../data_samples and ../../shared: keep that layout inside the server's root
+    # the notebooks refer to ../data_samples, results/ and ../../shared: keep that layout inside the server's root
     (root / "nbs").mkdir()
     for nb in (REPO / "nbs").glob("*.ipynb"): lab_copy(nb, root / "nbs" / nb.name)
     os.symlink(REPO / "data_samples", root / "data_samples")
+    os.symlink(REPO / "nbs" / "results", root / "nbs" / "results")   # the recorded results some notebooks read
     token, port = "brats-nb-test-token", _free_port()
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(cfg / "config"), JUPYTER_DATA_DIR=str(cfg / "data"),
                JUPYTER_RUNTIME_DIR=str(cfg / "runtime"), IPYTHONDIR=str(cfg / "ipython"), MPLCONFIGDIR=str(cfg / "mpl"),
