@@ -132,7 +132,8 @@ def run_notebook(browser, lab, name, timeout_s=240):
 
 
 def wait_idle(page, quiet_ms=1500):
-    "Wait until the kernel has stayed idle for `quiet_ms`."
+    "Wait until the kernel has stayed idle for `quiet_ms`, counted from this call (a click's message may not have reached the kernel yet)."
+    page.evaluate("() => { window.__idleSince = undefined; }")
     page.wait_for_function(f"""() => {{
         const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
         const prompts = window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-InputArea-prompt');
