@@ -16,12 +16,12 @@ import brats_nb
 from .core import BratsError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main', 'run_demo', 'add_demo_cli']
+__all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main', 'run_demo', 'add_demo_cli', 'make_lesson_model', 'add_lesson_cli']
 
 # %% ../nbs/10_cli.ipynb #97259f44
 COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.keypoints", "add_cli"), ("brats_nb.trainer", "add_cli"),
             ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"), ("brats_nb.ablation", "add_cli"),
-            ("brats_nb.cli", "add_demo_cli")]
+            ("brats_nb.cli", "add_demo_cli"), ("brats_nb.cli", "add_lesson_cli")]
 BENCHES = [("brats_nb.bench", "add_bench_cli"), ("brats_nb.keypoints", "add_bench_cli")]
 
 def _register(table, sub):
@@ -117,3 +117,40 @@ def add_demo_cli(sub):
         files = run_demo(a.out, a.data, a.epochs, a.variant, a.seed, not a.no_tta)
         print("wrote:"); [print("  ", f.resolve()) for f in files]
     p.set_defaults(func=run)
+
+# %% ../nbs/10_cli.ipynb #7574f3c5
+def make_lesson_model(out=None, seed=0, work=None, log=print):
+    """Train the lessons' model with the demo's recipe and write it slim (float16 weights, config, log, held-out Dice) to
+    `out` (default: brats_nb/assets/lesson_all_cpu.pt). Returns (path, held-out mean Dice per region)."""
+    import tempfile
+    import torch
+    from brats_nb.model import LESSON_FILE, load_model, read_checkpoint, save_checkpoint
+    from brats_nb.trainer import read_log
+    from brats_nb.inference import evaluate_cases
+    from brats_nb.synth import heldout_dir
+    from brats_nb.data import find_cases
+    from brats_nb.trainer import preset
+    out = Path(out) if out else Path(brats_nb.__file__).parent / "assets" / LESSON_FILE
+    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="brats_nb_lesson_"))
+    run_demo(work, seed=seed, tta=False, log=log)
+    ck = read_checkpoint(work / "run" / "latest.pt")
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["model"].items()}
+    state = dict(model=weights, config=ck["config"], log=read_log(work / "run"), made_by=f"brats-nb lesson-model --seed {seed}",
+                 brats_nb=brats_nb.__version__, torch=str(torch.__version__))
+    save_checkpoint(work / "slim.pt", **state)
+    model, _ = load_model(work / "slim.pt")                  # score what is stored, not the float32 run
+    protocol = dataclasses.replace(preset("cpu").val_protocol(), tta=True, postprocess=True, hd95=False)
+    _, mean = evaluate_cases(model, find_cases(heldout_dir()), protocol)
+    heldout = {r: round(float(mean[f"Dice_{r}"]), 4) for r in ("WT", "TC", "ET")}
+    save_checkpoint(out, **state, heldout=heldout, protocol=protocol.name)
+    log(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB); held-out mean Dice of the stored weights: "
+        + "  ".join(f"{r} {v:.3f}" for r, v in heldout.items()))
+    return out, heldout
+
+def add_lesson_cli(sub):
+    p = sub.add_parser("lesson-model", help="make the small trained model that the lessons show (CPU, about 3 minutes)",
+                       description="Train the demo's model and write it, slim, where lesson_model() finds it (or --out).")
+    p.add_argument("--out", default=None, help="where to write it (default: brats_nb/assets/lesson_all_cpu.pt)")
+    p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0)")
+    p.add_argument("--work", default=None, help="folder for the training run (default: a temporary folder)")
+    p.set_defaults(func=lambda a: make_lesson_model(a.out, a.seed, a.work) and 0)

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['NORMS', 'BratsError', 'atomic_path', 'write_text_atomic', 'pick_device', 'amp_dtype', 'autocast', 'available_cpus',
-           'ThreadGovernor', 'bbox', 'format_table', 'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer',
-           'act_layer', 'init_weights']
+__all__ = ['NORMS', 'BratsError', 'atomic_path', 'write_text_atomic', 'pick_device', 'amp_dtype', 'autocast', 'run_slow',
+           'run_cuda', 'real_data', 'available_cpus', 'ThreadGovernor', 'notebook_threads', 'bbox', 'format_table',
+           'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer', 'act_layer', 'init_weights']
 
 # %% ../nbs/00_core.ipynb #a79e28ef
 class BratsError(ValueError):
@@ -67,6 +67,33 @@ def autocast(device, dtype=None):
     "An autocast context for `dtype` on `device`, or a no-op context for float32 (`dtype` None)."
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
+# %% ../nbs/00_core.ipynb #487e156b
+_TRUE = ("1", "true", "yes", "on")
+
+def run_slow(what, takes):
+    "Guard of a `#| slow` cell: True when $BRATS_NB_SLOW is 1, else one line saying what is skipped and how to run it."
+    if os.environ.get("BRATS_NB_SLOW", "").strip().lower() in _TRUE: return True
+    print(f"skipped (slow cell, {takes}): {what}. Set BRATS_NB_SLOW=1 to run it.")
+    return False
+
+def run_cuda(what):
+    "Guard of a `#| cuda` cell: True when PyTorch sees a CUDA GPU, else one line saying what is skipped."
+    if torch.cuda.is_available(): return True
+    print(f"skipped (GPU cell): {what}. This machine has no CUDA GPU.")
+    return False
+
+def real_data(sub=""):
+    "The folder `$BRATS_NB_DATA/sub` when it exists, else None after one line saying what to set."
+    root = os.environ.get("BRATS_NB_DATA", "").strip()
+    if not root:
+        print(f"skipped (real data): set BRATS_NB_DATA to a folder that holds {sub + '/' if sub else 'your data'} to run this cell.")
+        return None
+    p = Path(root).expanduser() / sub
+    if not p.is_dir():
+        print(f"skipped (real data): {p} is not a folder (BRATS_NB_DATA={root}).")
+        return None
+    return p
+
 # %% ../nbs/00_core.ipynb #d4309210
 def _cpu_jiffies():
     "(busy, total) CPU time of the whole machine in seconds, from /proc/stat; None where it cannot be read."
@@ -106,6 +133,15 @@ class ThreadGovernor:
         if n != torch.get_num_threads(): torch.set_num_threads(n)
         self._mark()
         return n
+
+# %% ../nbs/00_core.ipynb #8507a7aa
+def notebook_threads(reserve=1):
+    "Set torch's CPU threads for a notebook kernel: the available CPUs but `reserve` (at least 1, at most $OMP_NUM_THREADS); returns the count."
+    n = max(1, available_cpus() - reserve)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0: n = min(n, int(env))
+    torch.set_num_threads(n)
+    return n
 
 # %% ../nbs/00_core.ipynb #862553bc
 def bbox(mask, margin=0):

@@ -5,6 +5,7 @@
 # %% ../nbs/00_data.ipynb #af113974
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
@@ -18,11 +19,12 @@ import torch
 from .core import BratsError, atomic_path, bbox
 
 # %% auto #0
-__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES', 'CaseFiles', 'case_files',
-           'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case', 'load_case', 'et_label',
-           'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask',
-           'normalize', 'windowed', 'take_slice', 'overlay_rgb', 'tumour_centre', 'show_case', 'png_bytes',
-           'slice_controls', 'slice_viewer', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset',
+__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES', 'ERROR_COLORS', 'CaseFiles',
+           'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case',
+           'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels',
+           'brain_mask', 'normalize', 'windowed', 'take_slice', 'overlay_rgb', 'tumour_centre', 'show_case',
+           'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes', 'wt_disagreement', 'label_lut',
+           'volume_viewer', 'show_volume', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset',
            'save_nifti', 'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
            'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
 
@@ -331,6 +333,165 @@ def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
     box.controls = dict(axis=ax_dd, slice=sl, modality=mod_dd, overlay=ov)
     box.image, box.info, box.case = img, info, case
     return box
+
+# %% ../nbs/00_data.ipynb #d2c5d4ad
+ERROR_COLORS = {"TP": (0.95, 0.95, 0.95), "FP": (1.00, 0.10, 0.90), "FN": (0.00, 0.85, 1.00)}   # none of the label colours
+
+def nifti_bytes(array, affine):
+    "`array` as the bytes of a gzipped NIfTI-1 file with `affine`, made in memory (uint8 and float32 kept as they are)."
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
+    img.header.set_xyzt_units("mm")
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+
+def wt_disagreement(label, prediction):
+    "Whole-tumour agreement: 0 background, 1 TP, 2 FP (predicted only), 3 FN (missed), uint8."
+    g, p = np.asarray(label) > 0, np.asarray(prediction) > 0
+    out = np.zeros(g.shape, np.uint8)
+    out[g & p], out[~g & p], out[g & ~p] = 1, 2, 3
+    return out
+
+def _lut(items):
+    "A NiiVue label colour table from [(name, value, (r, g, b) in 0..1)]; value 0 transparent."
+    items = [("background", 0, (0, 0, 0))] + list(items)
+    rgb = [[int(round(255 * v)) for v in c] for _, _, c in items]
+    return {"R": [c[0] for c in rgb], "G": [c[1] for c in rgb], "B": [c[2] for c in rgb], "A": [0] + [255] * (len(items) - 1),
+            "I": [v for _, v, _ in items], "labels": [n for n, _, _ in items]}
+
+def label_lut(convention="brats2017"):
+    "The BraTS label colours (NCR red, ED green, ET yellow) at the label values of `convention`."
+    return _lut([(k, v, LABEL_COLORS[k]) for k, v in zip(LABEL_COLORS, (1, 2, et_label(convention)))])
+
+def _crosshair(vox, affine, shape):
+    "NiiVue's crosshair position (fractions of the volume resliced to RAS) of voxel `vox`; exact for axis-aligned affines."
+    affine = np.asarray(affine, float)
+    corners = np.array([[a, b, c, 1] for a in (-.5, shape[0] - .5) for b in (-.5, shape[1] - .5) for c in (-.5, shape[2] - .5)])
+    mm = (affine @ corners.T)[:3]
+    lo, hi = mm.min(1), mm.max(1)
+    return [float(np.clip(v, 0, 1)) for v in ((affine @ np.r_[np.asarray(vox, float), 1.0])[:3] - lo) / (hi - lo)]
+
+# %% ../nbs/00_data.ipynb #673ff870
+def _viewer_class():
+    import ipywidgets as W
+
+    class VolumeViewer(W.HBox):
+        """NiiVue (`nv`) beside its `controls`: 'modality', one checkbox per overlay, 'opacity'. `volumes`: the volumes
+        sent so far ('image' first: the modalities as one 4D volume); `bytes_sent`: their NIfTI bytes."""
+        def _volume(self, key, array, **kw):
+            import ipyniivue
+            if key not in self.volumes:
+                data = nifti_bytes(array[self.box], self.affine)
+                self.bytes_sent += len(data)
+                lut = kw.pop("colormap_label", None)
+                vol = ipyniivue.Volume(data=data, name=re.sub(r"\W+", "_", key).strip("_") + ".nii.gz", **kw)
+                if lut is not None: vol.set_colormap_label(lut)
+                self.volumes[key] = vol
+            return self.volumes[key]
+
+        def _on_modality(self, change=None):
+            self.volumes["image"].frame_4d = self.case.modalities.index(self.controls["modality"].value)
+
+        def _on_overlays(self, change=None):
+            added = []
+            for name, make in self._makers.items():
+                on = self.controls[name].value
+                if on and name not in self.volumes: added.append(make())
+                if name in self.volumes: self.volumes[name].opacity = self.controls["opacity"].value if on else 0.0
+            if added: self.nv.volumes = [*self.nv.volumes, *added]
+    return VolumeViewer
+
+def _overlay_maker(viewer, name, array):
+    "How an overlay is sent: a binary mask in one colour (cyan), a map scaled to 8 bits under a hot colour map."
+    a = np.asarray(array)
+    if a.dtype == bool or np.isin(a, (0, 1)).all():
+        return lambda: viewer._volume(name, a.astype(np.uint8), colormap_label=_lut([(name, 1, (0.0, 1.0, 1.0))]))
+    from ipyniivue import ColormapType
+    hi = float(np.nanmax(a)) if a.size and np.nanmax(a) > 0 else 1.0
+    scaled = np.clip(np.nan_to_num(a) / hi * 255, 0, 255).astype(np.uint8)
+    return lambda: viewer._volume(name, scaled, colormap="hot", cal_min=51, cal_max=255, colorbar_visible=False,
+                                  colormap_type=ColormapType.ZERO_TO_MAX_TRANSLUCENT_BELOW_MIN)
+
+def volume_viewer(case, prediction=None, overlays=None, modality="flair", height=420, margin=2):
+    """Widget: NiiVue's axial, coronal and sagittal planes linked by a crosshair (opened on the tumour centre) and a 3D
+    rendering of `case`, cut to its brain. Beside it the modality, one checkbox per overlay (ground truth, `prediction`,
+    their WT disagreement TP/FP/FN, and each entry of `overlays`: {name: (X, Y, Z) mask or map}) and their opacity."""
+    import ipywidgets as W
+    import ipyniivue
+    from ipyniivue import MultiplanarType, ShowRender, SliceType
+    if not isinstance(case, Case): case = load_case(case)
+    if modality not in case.modalities: raise BratsError(f"modality {modality!r}: use one of {', '.join(case.modalities)}")
+    overlays = dict(overlays or {})
+    for name, arr in [("prediction", prediction), *overlays.items()]:
+        if arr is not None and np.shape(arr) != case.shape:
+            raise BratsError(f"{name}: shape {np.shape(arr)} differs from case {case.name!r} {case.shape}")
+    box = bbox(brain_mask(case.image), margin) or tuple(slice(0, n) for n in case.shape)
+    shift = np.eye(4); shift[:3, 3] = [s.start for s in box]
+    affine = np.asarray(case.affine, float) @ shift                         # the cut volume stays in world space
+    small = tuple(s.stop - s.start for s in box)
+    nv = ipyniivue.NiiVue(height=height, slice_type=SliceType.MULTIPLANAR, multiplanar_show_render=ShowRender.ALWAYS,
+                          multiplanar_layout=MultiplanarType.GRID, show_3d_crosshair=True, is_colorbar=False,
+                          show_legend=False, back_color=(0, 0, 0, 1), drag_and_drop_enabled=False,
+                          crosshair_color=(0.35, 0.45, 1.0, 1.0), loading_text="loading volume ...")
+    nv.layout = W.Layout(flex="1 1 auto", width="auto", min_width="320px")
+    centre = [c - s.start for c, s in zip(tumour_centre(case), box)]
+    nv.scene.crosshair_pos = _crosshair(centre, affine, small)
+    style = {"description_width": "initial"}
+    controls = {"modality": W.Dropdown(options=list(case.modalities), value=modality, description="modality", style=style,
+                                       layout=W.Layout(width="200px"))}
+    viewer = _viewer_class()()
+    viewer.case, viewer.affine, viewer.box, viewer.nv, viewer.controls = case, affine, box, nv, controls
+    viewer.volumes, viewer.bytes_sent, viewer._makers = {}, 0, {}
+    lut, makers = label_lut(case.label_convention), viewer._makers
+    if case.label is not None: makers["ground truth"] = lambda: viewer._volume("ground truth", case.label.astype(np.uint8), colormap_label=lut)
+    if prediction is not None:
+        pred = np.asarray(prediction).astype(np.uint8)
+        makers["prediction"] = lambda: viewer._volume("prediction", pred, colormap_label=lut)
+        if case.label is not None:
+            makers["WT errors"] = lambda: viewer._volume("WT errors", wt_disagreement(case.label, pred),
+                                                         colormap_label=_lut([(k, i + 1, ERROR_COLORS[k]) for i, k in enumerate(ERROR_COLORS)]))
+    for name, arr in overlays.items(): makers[name] = _overlay_maker(viewer, name, arr)
+    for name in makers:
+        controls[name] = W.Checkbox(value=name == "ground truth", description=name, indent=False, layout=W.Layout(width="auto"))
+    controls["opacity"] = W.FloatSlider(value=0.6, min=0, max=1, step=0.05, description="overlay opacity", style=style,
+                                        layout=W.Layout(width="260px"))
+    sw = lambda c, t: (f"<span style='display:inline-block;width:10px;height:10px;margin-right:3px;border:1px solid #888;"
+                       f"background:rgb({','.join(str(int(255 * v)) for v in c)})'></span>{t}&nbsp; ")
+    legend = "labels: " + "".join(sw(c, k) for k, c in LABEL_COLORS.items())
+    if "WT errors" in makers: legend += "<br>WT errors: " + "".join(sw(c, k) for k, c in ERROR_COLORS.items())
+    panel = W.VBox([W.HTML(f"<b>{case.name}</b> · {small[0]}×{small[1]}×{small[2]} (brain box)"), *controls.values(),
+                    W.HTML(f"<div style='font-size:12px;line-height:1.6'>{legend}</div>")],
+                   layout=W.Layout(flex="0 0 280px", padding="0 0 0 8px"))
+    viewer.children, viewer.layout = [nv, panel], W.Layout(width="100%", align_items="flex-start")
+    image = (np.moveaxis(windowed(case.image), 0, -1) * 255).round().astype(np.uint8)       # (X, Y, Z, modality), 8 bits
+    nv.volumes = [viewer._volume("image", image, colormap="gray", frame_4d=case.modalities.index(modality),
+                                 cal_min=0, cal_max=255, colorbar_visible=False)]
+    controls["modality"].observe(viewer._on_modality, "value")
+    for name in [*makers, "opacity"]: controls[name].observe(viewer._on_overlays, "value")
+    viewer._on_overlays()
+    return viewer
+
+# %% ../nbs/00_data.ipynb #85fe2ca8
+def show_volume(case, prediction=None, modality="flair", alpha=0.45, figsize=(12, 4.2)):
+    """Static figure: the axial, coronal and sagittal slices through the tumour centre with the labels (BraTS colours)
+    and the prediction's WT outline (magenta); for where widgets do not render."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    if not isinstance(case, Case): case = load_case(case)
+    gray = windowed(case.image)[case.modalities.index(modality)]
+    c = tumour_centre(case)
+    fig, axs = plt.subplots(1, 3, figsize=figsize)
+    for ax, (name, a) in zip(axs, (("axial", 2), ("coronal", 1), ("sagittal", 0))):
+        lab = take_slice(case.label, a, c[a]) if case.label is not None else None
+        ax.imshow(np.rot90(overlay_rgb(take_slice(gray, a, c[a]), lab, case.label_convention, alpha)), interpolation="nearest")
+        if prediction is not None:
+            ax.contour(np.rot90(take_slice(np.asarray(prediction) > 0, a, c[a])), levels=[0.5], colors=["magenta"], linewidths=1)
+        ax.set_title(f"{name} {c[a]}"); ax.axis("off")
+    handles = [Patch(color=col, label=k) for k, col in LABEL_COLORS.items()]
+    if prediction is not None: handles.append(Line2D([0], [0], color="magenta", label="prediction (WT)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    fig.suptitle(f"{case.name}: {modality} through the tumour centre {tuple(c)}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
 
 # %% ../nbs/00_data.ipynb #a6850540
 class RandTumourCropd:

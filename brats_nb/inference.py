@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, pick_device
 from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
                            classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, windowed, take_slice, png_bytes,
-                           tumour_centre, et_label)
+                           tumour_centre, et_label, ERROR_COLORS)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
 from .model import load_model
 
 # %% auto #0
-__all__ = ['ERROR_COLORS', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'argmax_classes', 'predict_case',
+__all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'argmax_classes', 'predict_case',
            'predict_folder', 'predict_resampled', 'EvalProtocol', 'evaluate_cases', 'disagreement_rgb',
-           'prediction_viewer', 'show_prediction', 'add_cli', 'model_in_channels', 'benchmark_inference',
-           'format_inference_bench']
+           'uncertainty_rgb', 'prediction_viewer', 'show_prediction', 'tta_uncertainty', 'add_cli', 'model_in_channels',
+           'benchmark_inference', 'format_inference_bench']
 
 # %% ../nbs/08_inference.ipynb #5693ed63
 def pad_to_multiple(x, multiple=16):
@@ -216,7 +216,8 @@ def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False
     return rows, mean
 
 # %% ../nbs/08_inference.ipynb #43fa6c5c
-ERROR_COLORS = {"TP": (0.20, 0.80, 0.20), "FP": (1.00, 0.20, 0.20), "FN": (0.20, 0.50, 1.00)}
+# ERROR_COLORS (00_data): none of the label colours (NCR red, ED green, ET yellow), so an error never reads as a tumour class
+def _hex(rgb): return "#" + "".join(f"{int(round(255 * v)):02x}" for v in rgb)
 
 def disagreement_rgb(gray, pred_mask, gt_mask, alpha=0.6):
     "RGB of a 2D gray slice with true positives, false positives and false negatives of one region in `ERROR_COLORS`."
@@ -225,6 +226,14 @@ def disagreement_rgb(gray, pred_mask, gt_mask, alpha=0.6):
     for sel, col in zip((p & g, p & ~g, ~p & g), ERROR_COLORS.values()):
         rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(col, np.float32)
     return rgb
+
+def uncertainty_rgb(gray, unc, vmax=0.5, cmap="inferno"):
+    "RGB of a 2D gray slice under a heat map of `unc` (0 transparent, `vmax` opaque), for the TTA spread."
+    import matplotlib
+    u = np.clip(np.asarray(unc, np.float32) / vmax, 0, 1)[..., None]
+    heat = matplotlib.colormaps[cmap](u[..., 0])[..., :3].astype(np.float32)
+    g3 = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
+    return (1 - np.sqrt(u)) * g3 + np.sqrt(u) * heat
 
 def _prediction_inputs(case, prediction, pred_convention):
     if not isinstance(case, Case): case = load_case(case)
@@ -242,8 +251,9 @@ def _errors_per_slice(pr, gr, axis):
     return (pr & ~gr).sum(other), (~pr & gr).sum(other)
 
 # %% ../nbs/08_inference.ipynb #a84230f9
-def prediction_viewer(case, prediction, region="WT", axis="axial", pred_convention=None, scale=2):
-    "Widget: ground truth, prediction and their disagreement (TP, FP, FN) for a region, slice by slice. Returns the widget."
+def prediction_viewer(case, prediction, region="WT", axis="axial", pred_convention=None, scale=2, uncertainty=None):
+    """Widget: ground truth, prediction and their disagreement (TP, FP, FN) for a region, slice by slice; with `uncertainty`
+    (X, Y, Z in [0, 0.5], e.g. `tta_uncertainty`) a fourth panel shows it. Returns the widget."""
     import ipywidgets as W
     case, prediction, pred_r, gt_r, pconv = _prediction_inputs(case, prediction, pred_convention)
     flair = windowed(case.image)[case.modalities.index("flair")]
@@ -253,6 +263,8 @@ def prediction_viewer(case, prediction, region="WT", axis="axial", pred_conventi
     img = W.Image(format="png", layout=W.Layout(max_width="900px", width="100%"))
     info = W.HTML()
     dices = {r: dice(pred_r[i], gt_r[i]) for i, r in enumerate(REGIONS)}
+    if uncertainty is not None and np.shape(uncertainty) != case.shape:
+        raise BratsError(f"uncertainty shape {np.shape(uncertainty)} differs from case {case.name!r} {case.shape}")
 
     def draw(*_):
         a, i, r = AXES[ax_dd.value], sl.value, REGIONS.index(reg_dd.value)
@@ -260,12 +272,13 @@ def prediction_viewer(case, prediction, region="WT", axis="axial", pred_conventi
         p, g = take_slice(pred_r[r], a, i), take_slice(gt_r[r], a, i)
         panels = [overlay_rgb(gray, take_slice(case.label, a, i), case.label_convention),
                   overlay_rgb(gray, take_slice(prediction, a, i), pconv), disagreement_rgb(gray, p, g)]
+        if uncertainty is not None: panels.append(uncertainty_rgb(gray, take_slice(uncertainty, a, i)))
         sep = np.ones((gray.shape[0], 3, 3), np.float32)
-        img.value = png_bytes(np.concatenate([panels[0], sep, panels[1], sep, panels[2]], 1), scale)
+        img.value = png_bytes(np.concatenate([x for q in panels for x in (q, sep)][:-1], 1), scale)
         tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
-        info.value = (f"<b>{case.name}</b> · ground truth | prediction | {reg_dd.value} errors · {ax_dd.value} {i}/{sl.max} · "
-                      f"<span style='color:#3c3'>TP {tp}</span> <span style='color:#f33'>FP {fp}</span> "
-                      f"<span style='color:#38f'>FN {fn}</span> · Dice {reg_dd.value} (volume) {dices[reg_dd.value]:.3f}")
+        info.value = (f"<b>{case.name}</b> · ground truth | prediction | {reg_dd.value} errors{' | TTA spread' if uncertainty is not None else ''} · {ax_dd.value} {i}/{sl.max} · "
+                      f"<span style='color:{_hex(ERROR_COLORS['TP'])};background:#444'>TP {tp}</span> <span style='color:{_hex(ERROR_COLORS['FP'])}'>FP {fp}</span> "
+                      f"<span style='color:{_hex(ERROR_COLORS['FN'])}'>FN {fn}</span> · Dice {reg_dd.value} (volume) {dices[reg_dd.value]:.3f}")
 
     def on_worst(*_):
         r = REGIONS.index(reg_dd.value)
@@ -305,6 +318,26 @@ def show_prediction(case, prediction, axis="axial", index=None, pred_convention=
     axs[0, 2].legend(handles=[Patch(color=c, label=k) for k, c in ERROR_COLORS.items()], fontsize=7, loc="lower right")
     fig.suptitle(f"{case.name}: {axis} slice {index}"); fig.tight_layout()
     return fig
+
+# %% ../nbs/08_inference.ipynb #32a2809e
+REGION_CLASSES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}   # softmax classes of each region
+
+@torch.no_grad()
+def tta_uncertainty(model, case, region="WT", device=None):
+    """(spread, mean): per voxel the standard deviation and the mean over the 8 flips of P(`region`), float32 (X, Y, Z);
+    0 outside the brain."""
+    if not isinstance(case, Case): case = load_case(case)
+    if region not in REGION_CLASSES: raise BratsError(f"unknown region {region!r}; use WT, TC or ET")
+    x = normalize(case.image)
+    probs = []
+    for f in tta_flips():
+        axes = tuple(d - 1 for d in f)                               # tensor dims (B, C, X, Y, Z) -> array axes (C, X, Y, Z)
+        pr = predict_volume(model, np.ascontiguousarray(np.flip(x, axes)) if f else x, device=device).numpy()
+        pr = np.flip(pr, axes) if f else pr
+        probs.append(pr[list(REGION_CLASSES[region])].sum(0))
+    probs = np.stack(probs)
+    inside = brain_mask(case.image)
+    return (probs.std(0) * inside).astype(np.float32), (probs.mean(0) * inside).astype(np.float32)
 
 # %% ../nbs/08_inference.ipynb #f93af999
 def add_cli(sub):

@@ -582,9 +582,9 @@ def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis=
         h = r["history"]; x = np.arange(1, len(h) + 1)
         with fc.batch_update():
             fc.data[0].update(x=x, y=h); fc.data[1].update(x=x, y=np.maximum.accumulate(h) if len(h) else h)
-        if len(p):  # jump to the slice with most key point voxels
+        if regions[i].any():  # the slice through the region's centre (not a cap, where points seem to lie inside)
             a = AXES[axis]
-            sl.value = int(np.argmax(r["map"].sum(axis=tuple(k for k in range(3) if k != a))))
+            sl.value = int(round(np.argwhere(regions[i])[:, a].mean()))
         draw()
         info.value = (f"<b>{case.name}</b> · {dd.value}: {int(regions[i].sum())} voxels, {r['n_boundary']} on the boundary · "
                       f"n={ns.value}, t={ts.value}, R={rs.value}, seed={sd.value} · <b>IoU {r['iou']:.4f}</b> ({r['kind']})")

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from .core import BratsError, check_norm, check_spatial_dims, conv_class, norm_layer, act_layer
-from .data import Case, load_case, normalize, windowed, take_slice, png_bytes, tumour_centre, slice_controls, AXES
+from .data import Case, load_case, normalize, windowed, take_slice, png_bytes, tumour_centre, slice_controls, AXES, REGIONS, brain_mask, labels_to_regions
 
 # %% auto #0
-__all__ = ['SCSE', 'MIE', 'mie_attention', 'show_attention', 'attention_viewer']
+__all__ = ['SCSE', 'MIE', 'mie_attention', 'show_attention', 'attention_viewer', 'modality_importance',
+           'show_modality_importance']
 
 # %% ../nbs/02_mie.ipynb #74dafbdc
 class SCSE(nn.Module):
@@ -71,13 +72,16 @@ class MIE(nn.Module):
         return self.scse.last_spatial_map
 
 # %% ../nbs/02_mie.ipynb #3e61b00a
+def _is_mie(m):   # duck-typed: a notebook that redefines MIE still reads the library's modules
+    return isinstance(m, MIE) or (isinstance(m, nn.Module) and hasattr(m, "scse") and hasattr(m, "per_modality"))
+
 def _find_mie(model):
-    if isinstance(model, MIE): return model
+    if _is_mie(model): return model
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         raise BratsError(f"{model}: a checkpoint path; load the network first: `model, _ = load_model(path)` (brats_nb.model)")
     m = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     mie = getattr(m, "mie", None)
-    if not isinstance(mie, MIE):
+    if not _is_mie(mie):
         raise BratsError(f"this model (variant {getattr(m, 'variant', type(m).__name__)!r}) has no MIE module; "
                          "use the 'mie' or 'all' variant")
     return mie
@@ -167,3 +171,44 @@ def attention_viewer(case, model, axis="axial", modality="flair", stretch=True, 
     box.controls = dict(axis=ax_dd, slice=sl, modality=mod_dd, stretch=st)
     box.image, box.bars, box.info, box.case, box.attention = img, bars, info, case, att
     return box
+
+# %% ../nbs/02_mie.ipynb #3f454ffc
+@torch.no_grad()
+def modality_importance(case, model, device=None):
+    """Share of each modality in what MIE passes on, per region (WT, TC, ET and the rest of the brain): the mean of
+    |U_c(v) (s_c + q(v))| over the region, normalised over the modalities. Returns {region: {modality: share}}."""
+    if not isinstance(case, Case): case = load_case(case)
+    if case.label is None: raise BratsError(f"{case.name}: modality importance per region needs a label map")
+    mie = _find_mie(model)
+    if not mie.per_modality: raise BratsError("modality importance needs an MIE with per_modality=True (its channels are then the modalities)")
+    dev = device or next(mie.parameters()).device
+    was_training = mie.training; mie.eval()
+    try:
+        x = torch.from_numpy(normalize(case.image))[None].to(dev)
+        u = mie.act2(mie.norm2(mie.conv2(mie.act1(mie.norm1(mie.conv1(x))))))
+        out = mie.scse(u)[0].abs().float().cpu().numpy()        # (C, X, Y, Z): U*s + U*q
+    finally: mie.train(was_training)
+    masks = dict(zip(REGIONS, labels_to_regions(case.label, case.label_convention).astype(bool)))
+    masks["rest of brain"] = brain_mask(case.image) & ~masks["WT"]
+    res = {}
+    for r, m in masks.items():
+        if not m.any(): continue
+        c = out[:, m].mean(1)
+        res[r] = {name: float(v) for name, v in zip(case.modalities, c / max(float(c.sum()), 1e-12))}
+    return res
+
+def show_modality_importance(case, models, figsize=None):
+    "Heat maps of `modality_importance` (regions × modalities), one per model of the dict `models` {title: model}."
+    import matplotlib.pyplot as plt
+    if not isinstance(case, Case): case = load_case(case)
+    fig, axs = plt.subplots(1, len(models), figsize=figsize or (4.2 * len(models), 2.8), squeeze=False)
+    for ax, (title, model) in zip(axs[0], models.items()):
+        imp = modality_importance(case, model)
+        rows = list(imp); mat = np.array([[imp[r][m] for m in case.modalities] for r in rows])
+        ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(0.5, float(mat.max())))
+        ax.set_xticks(range(len(case.modalities)), case.modalities); ax.set_yticks(range(len(rows)), rows)
+        for (a, b), v in np.ndenumerate(mat): ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{case.name}: share of each modality in MIE's output, per region", fontsize=10)
+    fig.tight_layout()
+    return fig

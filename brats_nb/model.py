@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import brats_nb
 from .core import BratsError, act_layer, atomic_path, check_norm, check_spatial_dims, conv_class, init_weights, norm_layer
 from .mie import MIE
 from .sie import SIE
 
 # %% auto #0
-__all__ = ['ARMS', 'VARIANTS', 'CHECKPOINT_FORMAT', 'ConvBlock', 'MFUnit', 'DMFUnit', 'arm_network', 'arm_uses_bsc',
-           'check_variant', 'DMFNet', 'build_model', 'count_parameters', 'reference_parameters', 'conv_macs',
-           'save_checkpoint', 'read_checkpoint', 'use_channels_last', 'load_model']
+__all__ = ['ARMS', 'VARIANTS', 'CHECKPOINT_FORMAT', 'LESSON_FILE', 'ConvBlock', 'MFUnit', 'DMFUnit', 'arm_network',
+           'arm_uses_bsc', 'check_variant', 'DMFNet', 'build_model', 'count_parameters', 'reference_parameters',
+           'conv_macs', 'save_checkpoint', 'read_checkpoint', 'use_channels_last', 'load_model', 'lesson_checkpoint',
+           'lesson_model']
 
 # %% ../nbs/04_dmfnet.ipynb #327b2ce6
 def _tuple(v, n): return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
@@ -219,12 +222,22 @@ def save_checkpoint(path, **state):
     with atomic_path(path) as tmp: torch.save({"format": CHECKPOINT_FORMAT, "version": 1, **state}, tmp)
     return Path(path)
 
+def _load_error(e):
+    "Why torch.load refused a file, in one whole sentence (torch's own message ends with advice to load unsafely)."
+    msg = str(e).strip()
+    if "Weights only load failed" in msg or "WeightsUnpickler" in msg:
+        if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg):
+            return f"it holds a Python object of type {m.group(1)}, which a safe load refuses; brats_nb reads only tensors and plain values"
+        return "its bytes are not a tensor archive that a safe load can read: a corrupt or foreign file"
+    first = msg.splitlines()[0].strip().rstrip(".") if msg else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
 def read_checkpoint(path, map_location="cpu"):
     "Load a brats_nb checkpoint safely (`weights_only=True`); a clear error for a missing, corrupt or foreign file."
     path = Path(path)
     if not path.is_file(): raise BratsError(f"{path}: no such checkpoint")
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise BratsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception as e: raise BratsError(f"{path}: not a readable checkpoint ({_load_error(e)})") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise BratsError(f"{path}: not a brats_nb checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     return ck
@@ -249,3 +262,20 @@ def load_model(checkpoint, device="cpu", variant=None, channels_last="auto"):
     except (RuntimeError, KeyError) as e: raise BratsError(f"{checkpoint}: weights do not fit the {mk['variant']!r} network ({str(e)[:200]})") from None
     if use_channels_last(channels_last, device): model.channels_last()
     return model.to(device).eval(), config
+
+# %% ../nbs/04_dmfnet.ipynb #b33a12db
+LESSON_FILE = "lesson_all_cpu.pt"
+
+def lesson_checkpoint():
+    "Path of the trained model that ships with brats_nb for the lessons (made by `brats-nb lesson-model`)."
+    p = Path(brats_nb.__file__).parent / "assets" / LESSON_FILE
+    if not p.is_file(): raise BratsError(f"{p}: missing; `brats-nb lesson-model` makes it (about 3 minutes on a CPU)")
+    return p
+
+def lesson_model(device="cpu"):
+    """The lessons' trained model: (network in eval mode, info) where info holds `config`, the training `log` (one row per
+    epoch), `heldout` (mean Dice per region on the 8 held-out cases) and `made_by` (the command)."""
+    path = lesson_checkpoint()
+    ck = read_checkpoint(path)
+    model, config = load_model(path, device=device)
+    return model, dict(config=config, log=ck.get("log", []), heldout=ck.get("heldout", {}), made_by=ck.get("made_by", ""))

@@ -36,6 +36,9 @@ echo "ok"
 # one BLAS/OpenMP thread per process: nbdev_test runs two notebooks at once on a 2-core machine, and
 # oversubscribed threads make small 3D convolutions many times slower
 export MPLBACKEND=Agg PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+# the real-data cells of the notebooks read $BRATS_NB_DATA; the project's shared real cases when they are beside the clone
+if [ -z "${BRATS_NB_DATA:-}" ] && [ -d ../shared/real ]; then export BRATS_NB_DATA=$(cd ../shared/real && pwd); fi
+echo "BRATS_NB_DATA=${BRATS_NB_DATA:-<unset: real-data cells skip>}"
 step "nbdev_test (every notebook, skipping the slow and cuda flags)"
 nbdev_test --n_workers 2 --timing
 

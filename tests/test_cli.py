@@ -105,3 +105,22 @@ def test_bench_train_smoke():
     assert set(row) == {"dmfnet", "bsc"} and "error" not in r.stdout
     header = next(l.split() for l in lines if l.strip().startswith("variant"))
     assert float(row["dmfnet"][header.index("time_vs_dmfnet")]) == pytest.approx(1.0)
+
+
+def test_lesson_model_command_reproduces_the_shipped_model(tmp_path):
+    """`brats-nb lesson-model` (the documented command) trains the lessons' model again; the new one must score what the
+    shipped one records on the eight held-out cases, and the shipped file must stay small."""
+    import torch
+    from brats_nb.model import lesson_checkpoint, read_checkpoint
+    shipped = read_checkpoint(lesson_checkpoint())
+    assert lesson_checkpoint().stat().st_size < 1_000_000
+    out = tmp_path / "lesson.pt"
+    r = run("lesson-model", "--out", str(out), "--work", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = read_checkpoint(out)
+    for region in ("WT", "TC", "ET"):
+        assert abs(new["heldout"][region] - shipped["heldout"][region]) <= 0.02, (region, new["heldout"], shipped["heldout"])
+    assert new["config"]["model"] == shipped["config"]["model"] and len(new["log"]) == len(shipped["log"])
+    diff = max(float((new["model"][k].float() - v.float()).abs().max()) for k, v in shipped["model"].items())
+    print(f"held-out Dice new {new['heldout']} vs shipped {shipped['heldout']}; largest weight difference {diff:.2e}")
+    assert all(v.dtype == torch.float16 for v in new["model"].values() if v.is_floating_point())

@@ -6,6 +6,11 @@
 - The import graph between brats_nb modules has no cycle.
 - Notebooks stay small, diffable and loadable: no saved widget state, no jupytext pairing, nbformat 4.
 - pyflakes finds nothing in the exported modules (unused imports and names, undefined names).
+- Lessons run anywhere: a `#| slow` cell is guarded by `run_slow`, a `#| cuda` cell by `run_cuda` (both print one line
+  when they skip), no notebook reads a path outside the repository (real data comes from $BRATS_NB_DATA through
+  `real_data`), no notebook cites a file the repository does not hold, and every solution cell (`#| code-fold`)
+  opens collapsed in JupyterLab (`jupyter.source_hidden` and `outputs_hidden`, kept by nbdev_clean), and every
+  lesson sets torch's threads with `notebook_threads()` at its top.
 
 Each failure lists every violation at once, so the message works as a to-do list.
 """
@@ -127,6 +132,37 @@ def hygiene_violations(nbs=NBS):
     return out
 
 
+CITED_FILE = re.compile(r"\b([A-Z][A-Z_-]+\.md)\b")
+
+
+def lesson_violations(nbs=NBS):
+    out = []
+    for p in sorted(nbs.glob("*.ipynb")):
+        rel = f"nbs/{p.name}"
+        cells = json.loads(p.read_text(encoding="utf-8"))["cells"]
+        if p.name not in ("index.ipynb", "00_core.ipynb") and not any("notebook_threads()" in "".join(c["source"]) for c in cells[:6]):
+            out.append(f"{rel}: no `notebook_threads()` near the top (on 2 cores torch's threads fight the browser: 12x slower)")
+        for i, c in enumerate(cells):
+            src = "".join(c["source"])
+            where = f"{rel} cell {i}"
+            if c["cell_type"] == "code":
+                flags = {ln.split(":", 1)[0].removeprefix("#|").strip() for ln in src.splitlines() if ln.startswith("#|")}
+                if "slow" in flags and "run_slow(" not in src:
+                    out.append(f"{where}: a `#| slow` cell without `if run_slow(what, takes):` (brats_nb.core)")
+                if "cuda" in flags and "run_cuda(" not in src:
+                    out.append(f"{where}: a `#| cuda` cell without `if run_cuda(what):` (brats_nb.core)")
+                if "code-fold" in flags and c.get("metadata", {}).get("jupyter") != {"source_hidden": True, "outputs_hidden": True}:
+                    out.append(f"{where}: a solution cell not collapsed (metadata.jupyter source_hidden/outputs_hidden true)")
+            if re.search(r"\.\./\.\./|shared/real", src):
+                out.append(f"{where}: reads a path outside the repository; use brats_nb.core.real_data (BRATS_NB_DATA)")
+            for name in CITED_FILE.findall(src):
+                if not list(REPO.glob(f"**/{name}")):
+                    out.append(f"{where}: cites {name}, which the repository does not hold")
+            if re.search(r"pip install brats_nb\b", src):
+                out.append(f"{where}: `pip install brats_nb` (not on the package index); install from the repository")
+    return out
+
+
 def pyflakes_messages(pkg=PKG):
     try:
         from pyflakes.api import checkPath
@@ -161,3 +197,8 @@ def test_notebook_hygiene():
 def test_pyflakes_clean():
     m = pyflakes_messages()
     assert not m, fmt("pyflakes messages (fix them in the notebooks, then nbdev_export)", m)
+
+
+def test_lessons_run_anywhere():
+    v = lesson_violations()
+    assert not v, fmt("lesson cells that break a student's Run All or a fresh clone", v)
