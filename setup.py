@@ -34,7 +34,8 @@ setuptools.setup(
     ]
     + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]],
     url=cfg["git_url"],
-    packages=setuptools.find_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"]),
+    # namespace packages: brats_nb/assets (the lesson model, a data folder without __init__.py) is shipped too
+    packages=setuptools.find_namespace_packages(include=[cfg["lib_name"], cfg["lib_name"] + ".*"], exclude=["*.__pycache__"]),
     include_package_data=True,
     python_requires=">=" + min_python,
     install_requires=cfg["requirements"].split(),
