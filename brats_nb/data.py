@@ -19,14 +19,15 @@ import torch
 from .core import BratsError, atomic_path, bbox
 
 # %% auto #0
-__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES', 'ERROR_COLORS', 'CaseFiles',
-           'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case',
-           'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels',
-           'brain_mask', 'normalize', 'windowed', 'take_slice', 'overlay_rgb', 'tumour_centre', 'show_case',
-           'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes', 'wt_disagreement', 'label_lut',
-           'volume_viewer', 'show_volume', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset',
-           'save_nifti', 'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
-           'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
+__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
+           'ERROR_COLORS', 'LabelConvention', 'get_convention', 'CaseFiles', 'case_files', 'find_cases', 'read_nifti',
+           'detect_label_convention', 'check_label_values', 'Case', 'load_case', 'et_label', 'labels_to_regions',
+           'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask', 'normalize', 'windowed',
+           'take_slice', 'overlay_rgb', 'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer',
+           'nifti_bytes', 'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'RandTumourCropd',
+           'training_transforms', 'load_extra', 'BratsDataset', 'save_nifti', 'resample_factors', 'downsample_arrays',
+           'brain_box', 'downsampled_affine', 'whole_blocks', 'downsample_case', 'write_case_folder',
+           'downsample_folder', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -34,8 +35,44 @@ REGIONS = ("WT", "TC", "ET")                # the region order of every region t
 NAMINGS = {  # file key of each modality in the two BraTS namings, and the separator before it
     "brats2017": dict(sep="_", keys={"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}),
     "brats2023": dict(sep="-", keys={"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}),
+    "msd": dict(sep="_", keys={}),   # Decathlon Task01: imagesTr/<case>.nii.gz (4D) and labelsTr/<case>.nii.gz
 }
-LABEL_CONVENTIONS = {"brats2017": 4, "brats2023": 3}  # the label value of enhancing tumour (ET)
+MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # the channel order of a Decathlon Task01 image: FLAIR, T1w, T1gd, T2w
+
+# %% ../nbs/00_data.ipynb #81843bb5
+@dataclass(frozen=True)
+class LabelConvention:
+    "A label convention: label value -> name, evaluated region -> label values, and the values of network classes 1, 2, 3 (None: not trainable yet)."
+    name: str
+    labels: dict
+    regions: dict
+    classes: tuple | None
+    where: str = ""
+
+    @property
+    def values(self): return {0, *self.labels}
+
+CONVENTIONS = {c.name: c for c in (
+    LabelConvention("brats2017", {1: "NCR/NET", 2: "ED", 4: "ET"}, {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}, (1, 2, 4),
+                    "BraTS 2017-2021"),
+    LabelConvention("brats2023", {1: "NETC", 2: "SNFH", 3: "ET"}, {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}, (1, 2, 3),
+                    "BraTS 2023+ GLI, MET, MEN, SSA, GoAT"),
+    LabelConvention("brats2024-post", {1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"},
+                    {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,), "RC": (4,)}, None,
+                    "BraTS 2024-2025 glioma post-treatment, BraTS 2025 MET"),
+    LabelConvention("brats2024-ped", {1: "ET", 2: "NETC", 3: "CC", 4: "ED"}, {"WT": (1, 2, 3, 4), "TC": (1, 2, 3), "ET": (1,)}, None,
+                    "BraTS 2024 pediatric"),
+    LabelConvention("men-rt", {1: "GTV"}, {"GTV": (1,)}, None, "BraTS 2024 meningioma radiotherapy"),
+    LabelConvention("msd", {1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}, {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
+                    (2, 1, 3), "Medical Segmentation Decathlon Task01_BrainTumour"),
+)}
+LABEL_CONVENTIONS = {k: c.regions["ET"][0] for k, c in CONVENTIONS.items() if "ET" in c.regions}   # the ET value of each
+
+def get_convention(convention):
+    "The `LabelConvention` named `convention` (or given); a clear error for an unknown name."
+    if isinstance(convention, LabelConvention): return convention
+    if convention not in CONVENTIONS: raise BratsError(f"unknown label convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
+    return CONVENTIONS[convention]
 
 # %% ../nbs/00_data.ipynb #5222446a
 _KEY_RE = re.compile(r"^(?P<prefix>.+?)(?P<sep>[_-])(?P<key>t1ce|t1c|t1n|t1|t2w|t2f|t2|flair|seg)\.nii(\.gz)?$")
@@ -59,9 +96,25 @@ class CaseFiles:
         return self.dir / f"{self.name}{NAMINGS[self.naming]['sep']}{suffix}.nii.gz"
 
 # %% ../nbs/00_data.ipynb #2199a7f9
+def _msd_files(path):
+    "The files of a Decathlon Task01 case: its 4D image in imagesTr/ (or imagesTs/) and its label in labelsTr/, if any."
+    path = Path(path)
+    if path.parent.name not in ("imagesTr", "imagesTs") or not path.name.endswith((".nii.gz", ".nii")):
+        raise BratsError(f"{path}: a case is a folder (BraTS) or imagesTr/<case>.nii.gz (Medical Segmentation Decathlon)")
+    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    seg = path.parent.parent / path.parent.name.replace("images", "labels") / path.name
+    return CaseFiles(name, path.parent, "msd", {m: path for m in MODALITIES}, seg if seg.is_file() else None)
+
+def _msd_images(root):
+    "The Decathlon image files under `root` (the task folder, or its imagesTr/ / imagesTs/), or [] when it is not that layout."
+    root = Path(root)
+    folders = [root] if root.name in ("imagesTr", "imagesTs") else [root / "imagesTr", root / "imagesTs"]
+    return sorted(p for f in folders if f.is_dir() for p in f.iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
+
 def case_files(case_dir) -> CaseFiles:
-    "Find the modality and label files of the case in `case_dir`, in either BraTS naming."
+    "Find the modality and label files of the case in `case_dir` (a BraTS case folder, either naming, or a Decathlon image file)."
     case_dir = Path(case_dir)
+    if case_dir.is_file(): return _msd_files(case_dir)
     if not case_dir.is_dir(): raise BratsError(f"{case_dir}: not a folder")
     found = {}
     for p in sorted(case_dir.iterdir()):
@@ -82,10 +135,11 @@ def case_files(case_dir) -> CaseFiles:
 
 # %% ../nbs/00_data.ipynb #6008f6d1
 def find_cases(root) -> list[Path]:
-    "Sorted folders under `root` (or `root` itself) that hold a BraTS case, in either naming."
+    "Sorted folders under `root` (or `root` itself) that hold a BraTS case, in either naming; or a Decathlon task's image files."
     root = Path(root)
     if not root.exists(): raise BratsError(f"{root}: no such folder")
     if not root.is_dir(): raise BratsError(f"{root}: not a folder")
+    if msd := _msd_images(root): return msd                        # a Decathlon task: one 4D image file per case
     dirs = sorted({Path(d) for d, _, files in os.walk(root, followlinks=True) if any(_KEY_RE.match(f) for f in files)})  # linked folders too
     if not dirs: raise BratsError(f"{root}: no BraTS case found (looked for <case>_t1.nii.gz or <case>-t1n.nii.gz files)")
     for d in dirs: case_files(d)  # a broken case fails here, by name, before any work starts
@@ -108,22 +162,31 @@ def _check_same_space(ref_path, ref_img, path, img):
         raise BratsError(f"{path}: affine differs from {ref_path.name}:\n{img.affine}\nvs\n{ref_img.affine}")
 
 # %% ../nbs/00_data.ipynb #b728ad7a
-def detect_label_convention(label, naming="brats2017", path="label map"):
-    "Which BraTS label convention `label` uses: 'brats2017' (ET = 4) or 'brats2023' (ET = 3)."
+def detect_label_convention(label, naming="brats2017", path="label map", name=""):
+    """The label convention of `label`, from its values, the file naming and the case name (`BraTS-PED-...`), where these
+    decide it; an error naming the file, the values and the option that settles it where they do not."""
     values = set(np.unique(np.asarray(label)).tolist())
+    shown = sorted(values)
+    def fail(why):
+        raise BratsError(f"{path}: label values {shown} {why}; say which convention it is: load_case(..., label_convention=...) "
+                         f"with one of {', '.join(CONVENTIONS)}")
     unknown = values - {0, 1, 2, 3, 4}
-    if unknown or {3, 4} <= values:
-        raise BratsError(f"{path}: unknown label values {sorted(values - {0, 1, 2, LABEL_CONVENTIONS[naming]})}; "
-                         "BraTS labels are 0, 1, 2 and 4 (2017-2021) or 0, 1, 2 and 3 (2023+)")
-    if 4 in values: return "brats2017"
-    if 3 in values: return "brats2023"
-    return naming  # no ET voxel at all: the file naming decides
+    if unknown: fail(f"include {sorted(unknown)}, which no BraTS convention uses")
+    if str(name).startswith("BraTS-PED"): return "brats2024-ped"        # pediatric: 1 ET, 2 NETC, 3 CC, 4 ED
+    if str(name).startswith("BraTS-MEN-RT"):
+        if values <= {0, 1}: return "men-rt"
+        fail("are not a MEN-RT GTV map (0, 1)")
+    if naming == "brats2023":                                           # 2023+ files: 3 is ET, 4 the resection cavity
+        return "brats2024-post" if 4 in values else "brats2023"
+    if {3, 4} <= values: fail("hold both 3 and 4 in the 2017-2021 naming (ET is 4 there)")
+    if 3 in values: return "brats2023"                                  # 2023 labels under the old file names
+    return "brats2017"
 
 def check_label_values(label, convention, path="label map"):
     "Raise a `BratsError` if `label` holds a value that `convention` does not know."
-    allowed = {0, 1, 2, LABEL_CONVENTIONS[convention]}
-    bad = sorted(set(np.unique(np.asarray(label)).tolist()) - allowed)
-    if bad: raise BratsError(f"{path}: unknown label values {bad} for {convention} (allowed: {sorted(allowed)})")
+    c = get_convention(convention)
+    bad = sorted(set(np.unique(np.asarray(label)).tolist()) - c.values)
+    if bad: raise BratsError(f"{path}: unknown label values {bad} for {c.name} (allowed: {sorted(c.values)})")
 
 # %% ../nbs/00_data.ipynb #0e18b8cf
 @dataclass
@@ -146,10 +209,33 @@ class Case:
         lab = "no label" if self.label is None else f"labels {sorted(np.unique(self.label).tolist())}"
         return f"Case({self.name!r}, image {self.image.shape}, {lab}, {self.label_convention}, spacing {self.spacing})"
 
+# %% ../nbs/00_data.ipynb #05b10234
+def _load_msd(files, label_convention=None, load_label=True):
+    "A Decathlon Task01 case: the 4D image (FLAIR, T1w, T1gd, T2w) reordered to `MODALITIES`; labels in the `msd` convention."
+    path = files.paths["t1"]
+    try: img = nib.load(str(path)); data = np.asanyarray(img.dataobj)
+    except Exception as e: raise BratsError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if data.ndim != 4 or data.shape[3] != len(MSD_CHANNELS):
+        raise BratsError(f"{path}: a Decathlon brain tumour image is 4D with {len(MSD_CHANNELS)} channels ({', '.join(MSD_CHANNELS)}), got shape {data.shape}")
+    image = np.stack([data[..., MSD_CHANNELS.index(m)] for m in MODALITIES]).astype(np.float32)
+    bad = ~np.isfinite(image)
+    if bad.any(): raise BratsError(f"{path}: {int(bad.sum())} voxels are NaN or infinite")
+    convention, label = label_convention or "msd", None
+    if load_label and files.seg is not None:
+        limg, ldata = read_nifti(files.seg)
+        _check_same_space(path, img, files.seg, limg)
+        if not np.all(np.isfinite(ldata)) or not np.all(np.equal(np.mod(ldata, 1), 0)):
+            raise BratsError(f"{files.seg}: label values must be whole numbers")
+        label = ldata.astype(np.uint8)
+        check_label_values(label, convention, files.seg)
+    header = img.header.copy(); header.set_data_shape(image.shape[1:])
+    return Case(files.name, image, label, img.affine.copy(), header, files, get_convention(convention).name)
+
 # %% ../nbs/00_data.ipynb #4c82e745
 def load_case(case_dir, label_convention=None, load_label=True) -> Case:
     "Load the case in `case_dir`: the four modalities, stacked, and the label map when there is one."
     files = case_files(case_dir)
+    if files.naming == "msd": return _load_msd(files, label_convention, load_label)
     vols, ref = [], None
     for m in MODALITIES:
         img, data = read_nifti(files.paths[m])
@@ -167,45 +253,70 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
         if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
             raise BratsError(f"{files.seg}: label values must be whole numbers")
         label = data.astype(np.uint8)
-        if label_convention is None: convention = detect_label_convention(label, files.naming, files.seg)
+        if label_convention is None: convention = detect_label_convention(label, files.naming, files.seg, files.name)
         else: check_label_values(label, label_convention, files.seg)
-    if convention not in LABEL_CONVENTIONS: raise BratsError(f"unknown label convention {convention!r}; use one of {list(LABEL_CONVENTIONS)}")
+    get_convention(convention)
     ref_img = ref[1]
     return Case(files.name, np.stack(vols), label, ref_img.affine.copy(), ref_img.header.copy(), files, convention)
 
 # %% ../nbs/00_data.ipynb #915f99c3
-def et_label(convention): 
-    if convention not in LABEL_CONVENTIONS: raise BratsError(f"unknown label convention {convention!r}; use one of {list(LABEL_CONVENTIONS)}")
-    return LABEL_CONVENTIONS[convention]
+def et_label(convention):
+    "The label value of enhancing tumour in `convention`."
+    c = get_convention(convention)
+    if "ET" not in c.regions: raise BratsError(f"label convention {c.name!r} has no enhancing tumour region")
+    return c.regions["ET"][0]
 
-def labels_to_regions(label, convention="brats2017"):
-    "Stack the nested regions (WT, TC, ET) of a label map on a new first axis (NumPy or torch, boolean)."
-    et = et_label(convention)
+def _label_and_convention(label, convention, what):
+    "A label map and its convention: `convention` if given, else the Case's own; never a silent default."
+    if isinstance(label, Case):
+        if label.label is None: raise BratsError(f"{what}: case {label.name!r} has no label map")
+        return label.label, get_convention(convention or label.label_convention)
+    if convention is None:
+        raise BratsError(f"{what}: pass the label convention (convention=case.label_convention, one of {', '.join(CONVENTIONS)}) "
+                         "or the Case itself; read in the wrong convention a 2023 map loses its ET")
+    return label, get_convention(convention)
+
+def _isin(label, values):
+    if isinstance(label, torch.Tensor): return torch.isin(label, torch.tensor(values, dtype=label.dtype, device=label.device))
+    return np.isin(label, values)
+
+def labels_to_regions(label, convention=None, regions=REGIONS):
+    """Stack the `regions` (default WT, TC, ET) of a label map on a new first axis (NumPy or torch, boolean).
+    `label`: a label map with its `convention`, or a `Case` (which knows its convention)."""
+    label, c = _label_and_convention(label, convention, "labels_to_regions")
+    missing = [r for r in regions if r not in c.regions]
+    if missing: raise BratsError(f"label convention {c.name!r} has no region {missing[0]!r} (it has {', '.join(c.regions)})")
     lib = torch if isinstance(label, torch.Tensor) else np
-    return lib.stack([label > 0, (label == 1) | (label == et), label == et])
+    return lib.stack([_isin(label, c.regions[r]) for r in regions])
 
-def regions_to_labels(regions, convention="brats2017"):
-    "Label map from nested regions (WT, TC, ET) on the first axis: 2 in WT, 1 in TC, ET in ET."
-    et = et_label(convention)
+def _classes(c):
+    if c.classes is None:
+        raise BratsError(f"label convention {c.name!r} ({c.where}) cannot be trained or predicted by the three-class network yet; "
+                         "its regions can be evaluated (labels_to_regions)")
+    return c.classes
+
+def regions_to_labels(regions, convention):
+    "Label map in `convention` from nested regions (WT, TC, ET) on the first axis: the ED-like value in WT, NCR-like in TC, ET in ET."
+    ncr, ed, et = _classes(get_convention(convention))
     if isinstance(regions, torch.Tensor):
         r = regions.bool(); out = torch.zeros(r.shape[1:], dtype=torch.uint8, device=r.device)
     else:
         r = np.asarray(regions).astype(bool); out = np.zeros(r.shape[1:], np.uint8)
-    out[r[0]] = 2; out[r[1]] = 1; out[r[2]] = et
+    out[r[0]] = ed; out[r[1]] = ncr; out[r[2]] = et
     return out
 
 # %% ../nbs/00_data.ipynb #cf95c379
-def labels_to_classes(label, convention="brats2017"):
-    "Class indices 0..3 for the softmax (3 = ET) from a BraTS label map."
-    et = et_label(convention)
-    out = label.clone() if isinstance(label, torch.Tensor) else np.array(label, copy=True)
-    out[label == et] = 3
+def labels_to_classes(label, convention=None):
+    "Class indices 0..3 for the softmax (1 NCR-like, 2 ED-like, 3 ET) from a label map and its convention (or a Case)."
+    label, c = _label_and_convention(label, convention, "labels_to_classes")
+    out = torch.zeros_like(label) if isinstance(label, torch.Tensor) else np.zeros_like(np.asarray(label))
+    for k, v in enumerate(_classes(c), 1): out[label == v] = k
     return out
 
-def classes_to_labels(classes, convention="brats2017"):
-    "BraTS label map from class indices 0..3."
-    out = classes.clone() if isinstance(classes, torch.Tensor) else np.array(classes, copy=True)
-    out[classes == 3] = et_label(convention)
+def classes_to_labels(classes, convention):
+    "Label map in `convention` from class indices 0..3."
+    out = torch.zeros_like(classes) if isinstance(classes, torch.Tensor) else np.zeros_like(np.asarray(classes))
+    for k, v in enumerate(_classes(get_convention(convention)), 1): out[classes == k] = v
     return out
 
 # %% ../nbs/00_data.ipynb #7e959022

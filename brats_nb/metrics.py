@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from scipy import ndimage
 
 from .core import BratsError, atomic_path, bbox
@@ -18,9 +19,10 @@ from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions
                            detect_label_convention, read_nifti, brain_mask, Case)
 
 # %% auto #0
-__all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'as_mask', 'dice', 'surface', 'surface_distances', 'hd95', 'region_metrics',
-           'whole_brain_dice', 'flat_metrics', 'summarize', 'write_metrics_csv', 'prediction_path', 'load_prediction',
-           'evaluate_folder', 'format_summary', 'add_cli']
+__all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'LESIONWISE_COLUMNS', 'as_mask', 'dice', 'surface', 'surface_distances', 'hd95',
+           'region_metrics', 'whole_brain_dice', 'lesion_scores_2025', 'flat_metrics', 'summarize', 'write_metrics_csv',
+           'prediction_path', 'load_prediction', 'lesionwise_rows', 'write_lesionwise_csv', 'evaluate_folder',
+           'format_summary', 'add_cli']
 
 # %% ../nbs/07_metrics.ipynb #100b8444
 HD95_EMPTY = 373.13  # BraTS: the HD95 when exactly one of prediction and ground truth is empty (the diagonal of the volume, mm)
@@ -91,6 +93,80 @@ def whole_brain_dice(case) -> float:
     if case.label is None: raise BratsError(f"{case.name}: has no label file; there is no WT to compare with")
     return dice(brain_mask(case.image), case.label > 0)
 
+# %% ../nbs/07_metrics.ipynb #9ad0c02a
+_CC26 = np.ones((3, 3, 3), bool)                               # 26-connectivity
+_FACE = ndimage.generate_binary_structure(3, 1)                # border = mask minus its 6-neighbour erosion
+
+def _box(mask, pad):
+    "Slices of the bounding box of `mask`, grown by `pad` voxels; None when it is empty."
+    sl = ndimage.find_objects(mask.astype(np.uint8))
+    if not sl or sl[0] is None: return None
+    return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(sl[0], mask.shape))
+
+def _border_distances(ref, pred, spacing=None):
+    "Distances (mm with `spacing`, else voxels) from each border voxel of `ref` to the border of `pred`, and back."
+    box = _box(ref | pred, 2); ref, pred = ref[box], pred[box]
+    br, bp = ref ^ ndimage.binary_erosion(ref, _FACE), pred ^ ndimage.binary_erosion(pred, _FACE)
+    return (ndimage.distance_transform_edt(~bp, sampling=spacing)[br], ndimage.distance_transform_edt(~br, sampling=spacing)[bp])
+
+def _nsd(d_ref, d_pred, tol):
+    "Normalised surface distance as panoptica computes it: the mean of the two directed shares of border voxels within `tol`."
+    a, b = np.mean(d_ref <= tol), np.mean(d_pred <= tol)
+    return float((a + b) / (a + b + (1 - a) + (1 - b) + np.finfo(float).tiny))
+
+def _pair_scores(ref, pred, spacing, tol):
+    d_ref, d_pred = _border_distances(ref, pred, spacing)
+    return _nsd(d_ref, d_pred, tol), float(np.percentile(np.concatenate([d_ref, d_pred]), 95))
+
+def lesion_scores_2025(pred_mask, gt_mask, spacing=(1.0, 1.0, 1.0), nsd_tolerance=None, global_in_voxels=True):
+    """The BraTS 2025 lesion-wise scores of one region (as panoptica 2.1.7 with the BraTS-evaluation configs): `tp`, `fp`,
+    `fn`, `f1`, `lesion_dsc`, `lesion_nsd`, `lesion_hd95` (means over matched lesions), global `dsc`, `nsd`, `hd95`,
+    and one row per ground-truth lesion in `lesions`."""
+    ref, pred = np.asarray(gt_mask).astype(bool), np.asarray(pred_mask).astype(bool)
+    if ref.shape != pred.shape: raise BratsError(f"lesion_scores_2025: prediction shape {pred.shape} differs from ground truth {ref.shape}")
+    sp = tuple(float(s) for s in spacing)
+    tol = min(sp) if nsd_tolerance is None else float(nsd_tolerance)
+    box = _box(ref | pred, 3)
+    if box is not None: ref, pred = ref[box], pred[box]
+    rcc, n_ref = ndimage.label(ref, _CC26); pcc, n_pred = ndimage.label(pred, _CC26)
+    rsize, psize = np.bincount(rcc.ravel(), minlength=n_ref + 1), np.bincount(pcc.ravel(), minlength=n_pred + 1)
+    matches = []
+    if n_ref and n_pred:
+        both = (rcc > 0) & (pcc > 0)
+        code, inter = np.unique(rcc[both].astype(np.int64) + pcc[both].astype(np.int64) * (n_ref + 1), return_counts=True)
+        r, q = code % (n_ref + 1), code // (n_ref + 1)
+        dsc = 2.0 * inter / (rsize[r] + psize[q])
+        cost = np.full((n_ref, n_pred), 1.0 + 1e-6)
+        ok = dsc >= 1e-6
+        cost[r[ok] - 1, q[ok] - 1] = 1.0 - dsc[ok]
+        matches = [(int(i) + 1, int(j) + 1) for i, j in zip(*linear_sum_assignment(cost)) if cost[i, j] < 1.0]
+    rbox, pbox = ndimage.find_objects(rcc), ndimage.find_objects(pcc)
+    lesions, matched = [], dict(matches)
+    for r in range(1, n_ref + 1):
+        row = dict(lesion=r, voxels=int(rsize[r]), matched=r in matched, dsc=None, nsd=None, hd95=None)
+        if r in matched:
+            q = matched[r]
+            b = tuple(slice(max(min(a.start, c.start) - 2, 0), min(max(a.stop, c.stop) + 2, n))
+                      for a, c, n in zip(rbox[r - 1], pbox[q - 1], ref.shape))
+            rm, pm = rcc[b] == r, pcc[b] == q
+            row["dsc"] = 2.0 * float((rm & pm).sum()) / (rm.sum() + pm.sum())
+            row["nsd"], row["hd95"] = _pair_scores(rm, pm, sp, tol)
+        lesions.append(row)
+    tp = len(matches); fp, fn = n_pred - tp, n_ref - tp
+    none = n_ref + n_pred == 0
+    out = dict(tp=tp, fp=fp, fn=fn, f1=float("nan") if none else (tp / (tp + 0.5 * (fp + fn)) if tp else 0.0))
+    for m in ("dsc", "nsd", "hd95"):
+        v = [row[m] for row in lesions if row["matched"]]
+        out[f"lesion_{m}"] = float(np.mean(v)) if v else (float("nan") if none else (float("inf") if m == "hd95" else 0.0))
+    inter = int((ref & pred).sum())
+    if inter == 0:
+        out.update(dsc=float("nan") if none else 0.0, nsd=float("nan") if none else 0.0, hd95=float("nan") if none else float("inf"))
+    else:
+        out["dsc"] = 2.0 * inter / (int(ref.sum()) + int(pred.sum()))
+        out["nsd"], out["hd95"] = _pair_scores(ref, pred, None, 0.5) if global_in_voxels else _pair_scores(ref, pred, sp, tol)
+    out["lesions"] = lesions
+    return out
+
 # %% ../nbs/07_metrics.ipynb #58f14c00
 METRIC_COLUMNS = tuple(f"Dice_{r}" for r in REGIONS) + tuple(f"HD95_{r}" for r in REGIONS)
 
@@ -131,8 +207,31 @@ def load_prediction(path, case):
     conv = detect_label_convention(label, case.label_convention, path)
     return label, conv
 
-def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False):
-    "Score the predictions in `pred_dir` against the labelled cases of `data_dir` (a folder, or a list of case folders): (rows, summary); CSV to `out_csv`."
+LESIONWISE_COLUMNS = ("tp", "fp", "fn", "f1", "lesion_dsc", "lesion_nsd", "lesion_hd95", "dsc", "nsd", "hd95")
+
+def lesionwise_rows(pred, case, pred_convention=None):
+    "One row per region (WT, TC, ET) of `lesion_scores_2025` for a predicted label map and its case."
+    pr = labels_to_regions(pred, pred_convention or case.label_convention)
+    gr = labels_to_regions(case)
+    return [{"case": case.name, "region": r, **{k: v for k, v in lesion_scores_2025(pr[i], gr[i], case.spacing).items() if k != "lesions"}}
+            for i, r in enumerate(REGIONS)]
+
+def write_lesionwise_csv(rows, path):
+    "Per case and region the lesion-wise scores, then their mean per region over the cases (NaN-skipping), as CSV written atomically."
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "region", *LESIONWISE_COLUMNS])
+        for r in rows: w.writerow([r["case"], r["region"], *(f"{float(r[c]):.6f}" for c in LESIONWISE_COLUMNS)])
+        for region in REGIONS:
+            sel = [r for r in rows if r["region"] == region]
+            if sel: w.writerow(["mean", region, *(f"{float(np.nanmean([float(r[c]) for r in sel])):.6f}" for c in LESIONWISE_COLUMNS)])
+    return Path(path)
+
+def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False, lesionwise=None):
+    """Score the predictions in `pred_dir` against the labelled cases of `data_dir` (a folder, or a list of case folders):
+    (rows, summary); CSV to `out_csv`. `lesionwise="2025"` also scores each region lesion by lesion (`lesion_scores_2025`),
+    into `<out_csv stem>_lesionwise.csv`."""
+    if lesionwise not in (None, "2025"): raise BratsError(f"lesion-wise rule {lesionwise!r}: only '2025' is implemented (the 2023-2024 rule is not yet)")
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir(): raise BratsError(f"{pred_dir}: no such prediction folder")
     case_dirs = [Path(d) for d in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)
@@ -142,15 +241,18 @@ def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False)
         if cf.seg is None: raise BratsError(f"{d}: case {cf.name!r} has no label file; it cannot be evaluated")
         if not prediction_path(pred_dir, cf.name).is_file():
             raise BratsError(f"{prediction_path(pred_dir, cf.name)}: missing prediction for case {cf.name!r}")
-    rows = []
+    rows, lw = [], []
     for d in case_dirs:
         case = load_case(d)
         pred, conv = load_prediction(prediction_path(pred_dir, case.name), case)
         m = region_metrics(pred, case.label, case.spacing, case.label_convention, conv, mode=mode)
         rows.append({"case": case.name, **flat_metrics(m)})
+        if lesionwise: lw += lesionwise_rows(pred, case, conv)
         if verbose: print(case.name, " ".join(f"{c}={rows[-1][c]:.3f}" for c in METRIC_COLUMNS))
     summary = summarize(rows)
-    if out_csv is not None: write_metrics_csv(rows, summary, out_csv)
+    if out_csv is not None:
+        write_metrics_csv(rows, summary, out_csv)
+        if lesionwise: write_lesionwise_csv(lw, Path(out_csv).with_name(Path(out_csv).stem + "_lesionwise.csv"))
     return rows, summary
 
 # %% ../nbs/07_metrics.ipynb #89b4092e
@@ -170,9 +272,13 @@ def add_cli(sub):
     p.add_argument("--out", default=None, help="CSV file to write (default: PRED_DIR/metrics.csv)")
     p.add_argument("--hd-mode", choices=("max", "union"), default="max",
                    help="pool the two directions of HD95 by the max of their percentiles (MONAI; default) or in one set (MedPy)")
+    p.add_argument("--lesionwise", choices=("2025",), default=None,
+                   help="also score each region lesion by lesion with the BraTS 2025 rule (TP/FP/FN, F1, lesion DSC/NSD/HD95) "
+                        "into <out>_lesionwise.csv")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     def run(a):
         out = Path(a.out) if a.out else Path(a.pred_dir) / "metrics.csv"
-        rows, summary = evaluate_folder(a.pred_dir, a.data_dir, out, mode=a.hd_mode, verbose=not a.quiet)
+        rows, summary = evaluate_folder(a.pred_dir, a.data_dir, out, mode=a.hd_mode, verbose=not a.quiet, lesionwise=a.lesionwise)
         print(f"{len(rows)} cases\n{format_summary(summary)}\nwrote {out}")
+        if a.lesionwise: print(f"wrote {out.with_name(out.stem + '_lesionwise.csv')}")
     p.set_defaults(func=run)

@@ -15,11 +15,12 @@ import numpy as np
 from scipy import ndimage
 
 import brats_nb
+from .data import MSD_CHANNELS
 from .core import BratsError
 
 # %% auto #0
-__all__ = ['TISSUES', 'CONTRAST', 'TISSUE_LABEL', 'MODALITY_FILES', 'SAMPLES_DIR', 'N_SAMPLES', 'SAMPLE_SHAPE', 'N_HELDOUT',
-           'smooth_field', 'make_case', 'best_threshold_dice', 'write_case', 'make_samples', 'samples_dir',
+__all__ = ['TISSUES', 'CONTRAST', 'TISSUE_LABEL', 'MODALITY_FILES', 'MSD_LABELS', 'SAMPLES_DIR', 'N_SAMPLES', 'SAMPLE_SHAPE',
+           'N_HELDOUT', 'smooth_field', 'make_case', 'best_threshold_dice', 'write_case', 'make_samples', 'samples_dir',
            'heldout_dir', 'add_cli']
 
 # %% ../nbs/01_synth.ipynb #d696ee72
@@ -129,12 +130,30 @@ def best_threshold_dice(img, target, n=60):
 MODALITY_FILES = {"brats2017": dict(t1="t1", t1ce="t1ce", t2="t2", flair="flair", seg="seg", sep="_", et=4),
                   "brats2023": dict(t1="t1n", t1ce="t1c", t2="t2w", flair="t2f", seg="seg", sep="-", et=3)}
 
+MSD_LABELS = {1: 2, 2: 1, 4: 3}   # 2017 labels -> the Decathlon's: NCR/NET 1 -> 2, edema 2 -> 1, ET 4 -> 3
+
+def _write_msd(arrays, root, name, seg, affine):
+    "The Decathlon Task01 layout: root/imagesTr/name.nii.gz (4D: FLAIR, T1w, T1gd, T2w), root/labelsTr/name.nii.gz."
+    root = Path(root); (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.stack([np.round(arrays[m]) for m in MSD_CHANNELS], -1).astype(np.int16), affine)
+    img.header.set_xyzt_units("mm", "sec"); img.set_qform(affine, 1); img.set_sform(affine, 1)
+    nib.save(img, str(root / "imagesTr" / f"{name}.nii.gz"))
+    if seg:
+        (root / "labelsTr").mkdir(exist_ok=True)
+        lab = np.zeros_like(np.asarray(arrays["label"]), np.uint8)
+        for a, b in MSD_LABELS.items(): lab[np.asarray(arrays["label"]) == a] = b
+        limg = nib.Nifti1Image(lab, affine); limg.set_qform(affine, 1); limg.set_sform(affine, 1)
+        nib.save(limg, str(root / "labelsTr" / f"{name}.nii.gz"))
+    return root / "imagesTr" / f"{name}.nii.gz"
+
 def write_case(arrays, root, name, naming="brats2017", seg=True, affine=None):
-    "Write `arrays` (from `make_case`) as `root/name/name_<modality>.nii.gz` (or `-t1n` etc. for 2023). Returns the folder."
-    f = MODALITY_FILES[naming]
-    d = Path(root) / name; d.mkdir(parents=True, exist_ok=True)
+    """Write `arrays` (from `make_case`) as `root/name/name_<modality>.nii.gz` (or `-t1n` etc. for 2023), or in the Decathlon
+    layout (`naming="msd"`: root/imagesTr/name.nii.gz, 4D). Returns the case folder (the image file for msd)."""
     shape = arrays["t1"].shape
     if affine is None: affine = np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    if naming == "msd": return _write_msd(arrays, root, name, seg, affine)
+    f = MODALITY_FILES[naming]
+    d = Path(root) / name; d.mkdir(parents=True, exist_ok=True)
     def save(a, key, dtype):
         img = nib.Nifti1Image(np.asarray(a).astype(dtype), affine)
         img.header.set_xyzt_units("mm", "sec"); img.set_qform(affine, 1); img.set_sform(affine, 1)
@@ -194,7 +213,8 @@ def add_cli(sub):
     p.add_argument("--n", type=int, default=N_SAMPLES, help="number of cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=list(SAMPLE_SHAPE), metavar=("X", "Y", "Z"))
-    p.add_argument("--naming", choices=list(MODALITY_FILES), default="brats2017")
+    p.add_argument("--naming", choices=[*MODALITY_FILES, "msd"], default="brats2017",
+                   help="file layout: BraTS 2017-2021, BraTS 2023+, or the Decathlon's Task01 (imagesTr/, labelsTr/, 4D images)")
     p.add_argument("--start", type=int, default=0, help="index of the first case (10: the held-out companions of the samples)")
     def run(a):
         if a.n < 1 or a.start < 0: raise BratsError(f"--n must be at least 1 and --start at least 0, got {a.n} and {a.start}")

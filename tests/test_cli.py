@@ -1,11 +1,13 @@
-"End to end on the samples: the demo, the ablation (and its resume), the training benchmark, --help everywhere."
+"End to end on the samples: the lesson model command, the demo, the ablation (and its resume), the training benchmark, --help everywhere."
 import csv
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from brats_nb.cli import build_parser, main
@@ -18,6 +20,26 @@ TINY = ["--max-cases", "5", "--crop-size", "32", "--samples-per-case", "1", "--d
 
 def run(*args, **kw):
     return subprocess.run([str(BIN / "brats-nb"), *args], capture_output=True, text=True, env=ENV, **kw)
+
+
+# first in this file: the longest test (about 4 minutes), so that it does not run alone at the end of the suite
+def test_lesson_model_command_reproduces_the_shipped_model(tmp_path):
+    """`brats-nb lesson-model` (the documented command) trains the lessons' model again; the new one must score what the
+    shipped one records on the eight held-out cases, and the shipped file must stay small."""
+    import torch
+    from brats_nb.model import lesson_checkpoint, read_checkpoint
+    shipped = read_checkpoint(lesson_checkpoint())
+    assert lesson_checkpoint().stat().st_size < 1_000_000
+    out = tmp_path / "lesson.pt"
+    r = run("lesson-model", "--out", str(out), "--work", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = read_checkpoint(out)
+    for region in ("WT", "TC", "ET"):
+        assert abs(new["heldout"][region] - shipped["heldout"][region]) <= 0.02, (region, new["heldout"], shipped["heldout"])
+    assert new["config"]["model"] == shipped["config"]["model"] and len(new["log"]) == len(shipped["log"])
+    diff = max(float((new["model"][k].float() - v.float()).abs().max()) for k, v in shipped["model"].items())
+    print(f"held-out Dice new {new['heldout']} vs shipped {shipped['heldout']}; largest weight difference {diff:.2e}")
+    assert all(v.dtype == torch.float16 for v in new["model"].values() if v.is_floating_point())
 
 
 def test_help_everywhere():
@@ -107,20 +129,36 @@ def test_bench_train_smoke():
     assert float(row["dmfnet"][header.index("time_vs_dmfnet")]) == pytest.approx(1.0)
 
 
-def test_lesson_model_command_reproduces_the_shipped_model(tmp_path):
-    """`brats-nb lesson-model` (the documented command) trains the lessons' model again; the new one must score what the
-    shipped one records on the eight held-out cases, and the shipped file must stay small."""
-    import torch
-    from brats_nb.model import lesson_checkpoint, read_checkpoint
-    shipped = read_checkpoint(lesson_checkpoint())
-    assert lesson_checkpoint().stat().st_size < 1_000_000
-    out = tmp_path / "lesson.pt"
-    r = run("lesson-model", "--out", str(out), "--work", str(tmp_path / "work"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    new = read_checkpoint(out)
-    for region in ("WT", "TC", "ET"):
-        assert abs(new["heldout"][region] - shipped["heldout"][region]) <= 0.02, (region, new["heldout"], shipped["heldout"])
-    assert new["config"]["model"] == shipped["config"]["model"] and len(new["log"]) == len(shipped["log"])
-    diff = max(float((new["model"][k].float() - v.float()).abs().max()) for k, v in shipped["model"].items())
-    print(f"held-out Dice new {new['heldout']} vs shipped {shipped['heldout']}; largest weight difference {diff:.2e}")
-    assert all(v.dtype == torch.float16 for v in new["model"].values() if v.is_floating_point())
+def test_evaluate_lesionwise_on_the_command_line(tmp_path):
+    "`brats-nb evaluate --lesionwise 2025` writes a lesion-wise CSV beside the Dice/HD95 one; the ground truth scores F1 1."
+    import shutil
+    data = tmp_path / "data"; pred = tmp_path / "pred"; pred.mkdir()
+    for c in sorted(SAMPLES_DIR.glob("Synth_00[01]")):
+        shutil.copytree(c, data / c.name)
+        shutil.copy(c / f"{c.name}_seg.nii.gz", pred / f"{c.name}.nii.gz")
+    r = run("evaluate", str(pred), str(data), "--lesionwise", "2025", "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(pred / "metrics_lesionwise.csv")))
+    assert len(rows) == 2 * 3 + 3 and all(float(x["f1"]) == 1.0 and float(x["lesion_dsc"]) == 1.0 for x in rows)
+    assert "metrics_lesionwise.csv" in r.stdout
+
+
+def test_decathlon_layout_end_to_end(tmp_path):
+    "`make-samples --naming msd` writes the Decathlon's Task01 layout; predict and evaluate read it like any BraTS folder."
+    from brats_nb.data import find_cases, load_case
+    from brats_nb.model import lesson_checkpoint
+    task = tmp_path / "Task01_BrainTumour"
+    r = run("make-samples", str(task), "--n", "2", "--shape", "64", "64", "64", "--naming", "msd")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cases = find_cases(task)
+    assert [c.name for c in cases] == ["Synth_000.nii.gz", "Synth_001.nii.gz"] and (task / "labelsTr" / "Synth_000.nii.gz").is_file()
+    case = load_case(cases[0])
+    assert case.label_convention == "msd" and case.image.shape == (4, 64, 64, 64) and set(case.label.ravel()) <= {0, 1, 2, 3}
+    r = run("predict", str(lesson_checkpoint()), str(task), "--out", str(tmp_path / "pred"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    pred = np.asanyarray(nib.load(str(tmp_path / "pred" / "Synth_000.nii.gz")).dataobj)
+    assert pred.shape == (64, 64, 64) and set(np.unique(pred)) <= {0, 1, 2, 3}          # written back in the msd numbering
+    r = run("evaluate", str(tmp_path / "pred"), str(task), "--lesionwise", "2025", "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "metrics.csv")))
+    assert [x["case"] for x in rows[:2]] == ["Synth_000", "Synth_001"] and float(rows[-3]["Dice_WT"]) > 0.5

@@ -327,7 +327,7 @@ def test_prediction_viewer_and_static_figure(tmp_path):
     png = w.image.value
     w.controls["region"].value = "ET"; assert w.image.value != png
     w.controls["worst"].click()
-    pr, gr = labels_to_regions(shifted)[2], labels_to_regions(case.label)[2]
+    pr, gr = labels_to_regions(shifted, case.label_convention)[2], labels_to_regions(case)[2]
     err = (pr ^ gr).sum((0, 1))
     assert w.controls["slice"].value == int(np.argmax(err))
     assert f"FP {int((pr & ~gr)[:, :, w.controls['slice'].value].sum())}" in w.info.value

@@ -74,7 +74,7 @@ def test_score_candidates_is_the_exact_voxel_iou():
 
 
 def test_reference_gives_the_same_ious_as_ours_on_a_sample():
-    reg = labels_to_regions(load_case(SAMPLES_DIR / "Synth_002").label)
+    reg = labels_to_regions(load_case(SAMPLES_DIR / "Synth_002"))
     r = select_region_keypoints(reg[2], n=100, t=3, radius=1, seed=4, region_index=2)
     ref = select_region_reference(reg[2], n=100, t=3, seed=4, region_index=2)
     np.testing.assert_allclose(ref, r["history"], rtol=0, atol=1e-12)
@@ -85,7 +85,7 @@ def test_select_keypoints_outputs_and_balls():
     case = load_case(SAMPLES_DIR / "Synth_000")
     maps, info = select_keypoints(case, t=8)
     assert maps.shape == (3, *case.shape) and maps.dtype == np.uint8 and set(np.unique(maps)) <= {0, 1}
-    regions = labels_to_regions(case.label)
+    regions = labels_to_regions(case)
     for i, (name, n, R) in enumerate(zip(REGIONS, (300, 200, 100), (2, 1, 1))):
         inf = info[name]
         assert len(inf["points"]) == n and len(inf["history"]) == 8 and inf["kind"] == "hull"
@@ -149,7 +149,7 @@ def test_real_case_selection(real_case_dir):
     assert {r: info[r]["n_boundary"] for r in REGIONS} == {"WT": 12537, "TC": 5449, "ET": 9418}
     assert all(0.3 < info[r]["iou"] < 1 for r in REGIONS)
     # the first ET candidate filled over the whole volume by brute force has the same IoU
-    reg = labels_to_regions(case.label)
+    reg = labels_to_regions(case)
     ref = select_region_reference(reg[2], n=100, t=1, seed=0, region_index=2)
     assert ref[0] == pytest.approx(info["ET"]["history"][0], abs=1e-12)
 

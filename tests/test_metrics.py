@@ -46,10 +46,10 @@ def test_dice_and_hd95_match_monai_on_samples():
     worst_d = worst_h = 0.0
     for i, c in enumerate(find_cases(SAMPLES_DIR)[:2]):
         case = load_case(c)
-        gt = labels_to_regions(case.label)
+        gt = labels_to_regions(case)
         spacing = [(1.0, 1.0, 1.0), (1.0, 1.5, 0.8)][i]  # an anisotropic spacing too
         for pred_label in perturbations(case.label, rng):
-            pr = labels_to_regions(pred_label)
+            pr = labels_to_regions(pred_label, case.label_convention)
             md, mh = monai_scores(pr, gt, spacing)
             ours_d = np.array([dice(p, g) for p, g in zip(pr, gt)])
             ours_h = np.array([hd95(p, g, spacing) for p, g in zip(pr, gt)])
@@ -165,7 +165,7 @@ def test_evaluate_bad_inputs(tmp_path, capsys):
     save_nifti(case.label, preds / "Synth_001.nii.gz", case.affine * np.array([2, 1, 1, 1])[:, None])
     fails([preds, data], "Synth_001.nii.gz: affine differs")
     save_nifti(np.full(case.shape, 7, np.uint8), preds / "Synth_001.nii.gz", case.affine)
-    fails([preds, data], "Synth_001.nii.gz: unknown label values [7]")
+    fails([preds, data], "Synth_001.nii.gz: label values [7] include [7], which no BraTS convention uses")
     (preds / "Synth_001.nii.gz").write_bytes(b"garbage")
     fails([preds, data], "Synth_001.nii.gz: not a readable NIfTI")
     shutil.move(tmp_path / "saved.nii.gz", preds / "Synth_001.nii.gz")
