@@ -92,7 +92,8 @@ class CaseFiles:
     seg: Path | None = None
 
     def extra(self, suffix):
-        "Path of an extra per-case file written beside the case, e.g. `extra('keypoints')`."
+        "Path of an extra per-case file written beside the case, e.g. `extra('keypoints')` (a Decathlon task: in brats_nb_extra/)."
+        if self.naming == "msd": return self.dir.parent / "brats_nb_extra" / f"{self.name}_{suffix}.nii.gz"
         return self.dir / f"{self.name}{NAMINGS[self.naming]['sep']}{suffix}.nii.gz"
 
 # %% ../nbs/00_data.ipynb #2199a7f9
@@ -169,10 +170,12 @@ def detect_label_convention(label, naming="brats2017", path="label map", name=""
     shown = sorted(values)
     def fail(why):
         raise BratsError(f"{path}: label values {shown} {why}; say which convention it is: load_case(..., label_convention=...) "
-                         f"with one of {', '.join(CONVENTIONS)}")
+                         f"or `brats-nb evaluate --convention`, one of {', '.join(CONVENTIONS)}")
     unknown = values - {0, 1, 2, 3, 4}
     if unknown: fail(f"include {sorted(unknown)}, which no BraTS convention uses")
-    if str(name).startswith("BraTS-PED"): return "brats2024-ped"        # pediatric: 1 ET, 2 NETC, 3 CC, 4 ED
+    if str(name).startswith("BraTS-PED"):                               # 2023: the GLI labels; 2024: 1 ET, 2 NETC, 3 CC, 4 ED
+        if 4 in values: return "brats2024-ped"
+        fail("fit both the 2023 pediatric labels (brats2023) and the 2024 ones (brats2024-ped)")
     if str(name).startswith("BraTS-MEN-RT"):
         if values <= {0, 1}: return "men-rt"
         fail("are not a MEN-RT GTV map (0, 1)")

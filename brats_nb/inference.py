@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, pick_device
 from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
                            classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, windowed, take_slice, png_bytes,
-                           tumour_centre, et_label, ERROR_COLORS)
+                           tumour_centre, et_label, ERROR_COLORS, CONVENTIONS)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
 from .model import load_model
 
@@ -117,7 +117,7 @@ def predict_case(model, case, out_path=None, tta=False, sliding_window=False, po
                  mask_background=True):
     """Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path` if given.
     With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network says."""
-    if not isinstance(case, Case): case = load_case(case)
+    if not isinstance(case, Case): case = load_case(case, load_label=False)   # a prediction needs no ground truth
     convention = convention or case.label_convention
     et_label(convention)
     probs = predict_volume(model, normalize(case.image), tta=tta, sliding_window=sliding_window, roi_size=roi_size,
@@ -137,7 +137,7 @@ def predict_folder(model, data_dir, out_dir, verbose=True, **kw):
     paths = []
     for d in cases:
         t0 = time.perf_counter()
-        case = load_case(d)
+        case = load_case(d, load_label=False)
         path = out_dir / f"{case.name}.nii.gz"
         predict_case(model, case, path, **kw)
         paths.append(path)
@@ -150,7 +150,7 @@ def predict_resampled(model, case, target=2.0, margin=4, out_path=None, postproc
                       device=None, amp=False, **predict_kwargs):
     """Label map (X, Y, Z) uint8 of a full-resolution case from a model trained on copies made by `downsample_case`
     (same `target` and `margin`); written to `out_path` if given. `predict_kwargs` go to `predict_volume` (tta, windows)."""
-    if not isinstance(case, Case): case = load_case(case)
+    if not isinstance(case, Case): case = load_case(case, load_label=False)
     convention = convention or case.label_convention
     et_label(convention)
     small = downsample_case(case, target, margin)
@@ -358,6 +358,9 @@ def add_cli(sub):
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on a GPU")
     p.add_argument("--variant", default=None, help="refuse a checkpoint of another variant")
+    p.add_argument("--convention", default=None, choices=[k for k, c in CONVENTIONS.items() if c.classes],
+                   help="label numbering of the written predictions (default: the data's: brats2017 for the 2017-2021 file names, "
+                        "brats2023 for 2023+, msd for a Decathlon task)")
     p.add_argument("--downsampled", type=float, default=None, metavar="MM",
                    help="the model was trained on `brats-nb downsample --spacing MM` copies: predict through such a copy, write full resolution")
     def run(a):
@@ -371,7 +374,7 @@ def add_cli(sub):
         if a.downsampled is not None and (a.downsampled <= 0 or a.no_brain_mask):
             raise BratsError("--downsampled needs a positive spacing in mm, and predicts inside the brain only (no --no-brain-mask)")
         kw = dict(tta=a.tta, sliding_window=a.sliding_window, roi_size=a.roi_size, overlap=a.overlap, postprocess=not a.no_postprocess,
-                  et_threshold=a.et_threshold, device=device, amp=a.amp)
+                  et_threshold=a.et_threshold, device=device, amp=a.amp, convention=a.convention)
         if a.downsampled is None: paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, **kw)
         else:
             paths = [Path(a.out) / f"{c.name}.nii.gz" for c in cases]

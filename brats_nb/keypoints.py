@@ -424,7 +424,7 @@ def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0
     img, label = read_nifti(files.seg)
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
-    conv = detect_label_convention(label.astype(np.uint8), files.naming, files.seg)
+    conv = "msd" if files.naming == "msd" else detect_label_convention(label.astype(np.uint8), files.naming, files.seg, files.name)
     maps, info = select_keypoints(label.astype(np.uint8), n, t, radius, seed, conv, device)
     nii, side = keypoint_files(case_dir)
     save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from .core import BratsError, atomic_path, bbox
 from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions,
-                           detect_label_convention, read_nifti, brain_mask, Case)
+                           get_convention, read_nifti, brain_mask, Case, CONVENTIONS)
 
 # %% auto #0
 __all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'LESIONWISE_COLUMNS', 'as_mask', 'dice', 'surface', 'surface_distances', 'hd95',
@@ -204,7 +204,12 @@ def load_prediction(path, case):
     if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
         raise BratsError(f"{path}: label values must be whole numbers")
     label = data.astype(np.uint8)
-    conv = detect_label_convention(label, case.label_convention, path)
+    conv, values = case.label_convention, set(np.unique(label).tolist())
+    if not values <= get_convention(conv).values:          # a prediction is read in its case's convention ...
+        other = {"brats2017": "brats2023", "brats2023": "brats2017"}.get(conv)
+        if other and values <= get_convention(other).values: conv = other   # ... or in the other BraTS year's numbering
+        else: raise BratsError(f"{path}: label values {sorted(values)} are not labels of the {conv} convention of case "
+                               f"{case.name!r} (allowed: {sorted(get_convention(conv).values)})")
     return label, conv
 
 LESIONWISE_COLUMNS = ("tp", "fp", "fn", "f1", "lesion_dsc", "lesion_nsd", "lesion_hd95", "dsc", "nsd", "hd95")
@@ -227,10 +232,10 @@ def write_lesionwise_csv(rows, path):
             if sel: w.writerow(["mean", region, *(f"{float(np.nanmean([float(r[c]) for r in sel])):.6f}" for c in LESIONWISE_COLUMNS)])
     return Path(path)
 
-def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False, lesionwise=None):
+def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False, lesionwise=None, convention=None):
     """Score the predictions in `pred_dir` against the labelled cases of `data_dir` (a folder, or a list of case folders):
     (rows, summary); CSV to `out_csv`. `lesionwise="2025"` also scores each region lesion by lesion (`lesion_scores_2025`),
-    into `<out_csv stem>_lesionwise.csv`."""
+    into `<out_csv stem>_lesionwise.csv`. `convention`: the ground truth's label convention where detection cannot tell."""
     if lesionwise not in (None, "2025"): raise BratsError(f"lesion-wise rule {lesionwise!r}: only '2025' is implemented (the 2023-2024 rule is not yet)")
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir(): raise BratsError(f"{pred_dir}: no such prediction folder")
@@ -243,7 +248,7 @@ def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False,
             raise BratsError(f"{prediction_path(pred_dir, cf.name)}: missing prediction for case {cf.name!r}")
     rows, lw = [], []
     for d in case_dirs:
-        case = load_case(d)
+        case = load_case(d, label_convention=convention)
         pred, conv = load_prediction(prediction_path(pred_dir, case.name), case)
         m = region_metrics(pred, case.label, case.spacing, case.label_convention, conv, mode=mode)
         rows.append({"case": case.name, **flat_metrics(m)})
@@ -275,10 +280,13 @@ def add_cli(sub):
     p.add_argument("--lesionwise", choices=("2025",), default=None,
                    help="also score each region lesion by lesion with the BraTS 2025 rule (TP/FP/FN, F1, lesion DSC/NSD/HD95) "
                         "into <out>_lesionwise.csv")
+    p.add_argument("--convention", default=None, choices=list(CONVENTIONS),
+                   help="label convention of the ground truth where its values and names do not decide it (e.g. BraTS 2023 pediatric)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     def run(a):
         out = Path(a.out) if a.out else Path(a.pred_dir) / "metrics.csv"
-        rows, summary = evaluate_folder(a.pred_dir, a.data_dir, out, mode=a.hd_mode, verbose=not a.quiet, lesionwise=a.lesionwise)
+        rows, summary = evaluate_folder(a.pred_dir, a.data_dir, out, mode=a.hd_mode, verbose=not a.quiet, lesionwise=a.lesionwise,
+                                        convention=a.convention)
         print(f"{len(rows)} cases\n{format_summary(summary)}\nwrote {out}")
         if a.lesionwise: print(f"wrote {out.with_name(out.stem + '_lesionwise.csv')}")
     p.set_defaults(func=run)

@@ -154,6 +154,9 @@ def test_decathlon_layout_end_to_end(tmp_path):
     assert [c.name for c in cases] == ["Synth_000.nii.gz", "Synth_001.nii.gz"] and (task / "labelsTr" / "Synth_000.nii.gz").is_file()
     case = load_case(cases[0])
     assert case.label_convention == "msd" and case.image.shape == (4, 64, 64, 64) and set(case.label.ravel()) <= {0, 1, 2, 3}
+    r = run("preprocess", str(task))                                     # key point maps go beside imagesTr/, not into it
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (task / "brats_nb_extra" / "Synth_000_keypoints.nii.gz").is_file() and len(find_cases(task)) == 2
     r = run("predict", str(lesson_checkpoint()), str(task), "--out", str(tmp_path / "pred"))
     assert r.returncode == 0, r.stderr[-2000:]
     pred = np.asanyarray(nib.load(str(tmp_path / "pred" / "Synth_000.nii.gz")).dataobj)
@@ -162,3 +165,24 @@ def test_decathlon_layout_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "pred" / "metrics.csv")))
     assert [x["case"] for x in rows[:2]] == ["Synth_000", "Synth_001"] and float(rows[-3]["Dice_WT"]) > 0.5
+    # the Decathlon's own labels as the prediction: read in the msd numbering, every region scores 1 (a misread swaps TC)
+    gt_pred = tmp_path / "gt_as_pred"; gt_pred.mkdir()
+    for c in ("Synth_000", "Synth_001"): (gt_pred / f"{c}.nii.gz").write_bytes((task / "labelsTr" / f"{c}.nii.gz").read_bytes())
+    r = run("evaluate", str(gt_pred), str(task), "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mean = list(csv.DictReader(open(gt_pred / "metrics.csv")))[-3]
+    assert mean["case"] == "mean" and all(float(mean[f"Dice_{k}"]) == 1.0 for k in ("WT", "TC", "ET")), mean
+
+
+def test_ambiguous_labels_need_a_convention(tmp_path):
+    "BraTS 2023 pediatric labels (0-3, named BraTS-PED-...) fit two conventions: evaluate refuses by name until --convention says which."
+    from brats_nb.synth import make_case, write_case
+    data, pred = tmp_path / "data", tmp_path / "pred"; pred.mkdir()
+    d = write_case(make_case(seed=2, shape=(48, 48, 48)), data, "BraTS-PED-00001-000", naming="brats2023")
+    (pred / "BraTS-PED-00001-000.nii.gz").write_bytes((d / "BraTS-PED-00001-000-seg.nii.gz").read_bytes())
+    r = run("evaluate", str(pred), str(data), "-q")
+    assert r.returncode == 2 and "BraTS-PED-00001-000-seg.nii.gz: label values [0, 1, 2, 3]" in r.stderr and "--convention" in r.stderr, r.stderr
+    r = run("evaluate", str(pred), str(data), "-q", "--convention", "brats2023")
+    assert r.returncode == 0, r.stderr[-2000:]
+    mean = list(csv.DictReader(open(pred / "metrics.csv")))[-3]
+    assert all(float(mean[f"Dice_{k}"]) == 1.0 for k in ("WT", "TC", "ET")), mean

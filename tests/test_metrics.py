@@ -165,7 +165,7 @@ def test_evaluate_bad_inputs(tmp_path, capsys):
     save_nifti(case.label, preds / "Synth_001.nii.gz", case.affine * np.array([2, 1, 1, 1])[:, None])
     fails([preds, data], "Synth_001.nii.gz: affine differs")
     save_nifti(np.full(case.shape, 7, np.uint8), preds / "Synth_001.nii.gz", case.affine)
-    fails([preds, data], "Synth_001.nii.gz: label values [7] include [7], which no BraTS convention uses")
+    fails([preds, data], "Synth_001.nii.gz: label values [7] are not labels of the brats2017 convention of case 'Synth_001'")
     (preds / "Synth_001.nii.gz").write_bytes(b"garbage")
     fails([preds, data], "Synth_001.nii.gz: not a readable NIfTI")
     shutil.move(tmp_path / "saved.nii.gz", preds / "Synth_001.nii.gz")
