@@ -77,8 +77,12 @@ def hd95(pred, gt, spacing=None, percentile=95, mode="max") -> float:
     return float(max(np.percentile(d_pg, percentile), np.percentile(d_gp, percentile)))
 
 # %% ../nbs/07_metrics.ipynb #0e7008df
-def region_metrics(pred_label, gt_label, spacing=None, convention="brats2017", pred_convention=None, mode="max"):
-    "Dice and HD95 of each region: `{'WT': {'dice': .., 'hd95': ..}, 'TC': .., 'ET': ..}`."
+def region_metrics(pred_label, gt_label, spacing=None, convention=None, pred_convention=None, mode="max"):
+    """Dice and HD95 of each region: `{'WT': {'dice': .., 'hd95': ..}, 'TC': .., 'ET': ..}`. `convention`: the ground truth's
+    (required: a label map alone does not say it); the prediction's is `pred_convention`, by default the same."""
+    if convention is None:
+        raise BratsError("region_metrics: pass the ground truth's label convention (e.g. case.label_convention); "
+                         f"one of {', '.join(CONVENTIONS)}")
     pred_label, gt_label = np.asarray(pred_label), np.asarray(gt_label)
     if pred_label.shape != gt_label.shape:
         raise BratsError(f"prediction shape {pred_label.shape} differs from ground truth shape {gt_label.shape}")

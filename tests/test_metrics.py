@@ -81,10 +81,10 @@ def test_empty_conventions():
     assert hd95(m, z) == HD95_EMPTY == hd95(z, m) == 373.13
     # the same through region_metrics: a case without ET, predicted without ET
     gt = np.zeros((8, 8, 8), np.uint8); gt[2:6, 2:6, 2:6] = 2; gt[3:5, 3:5, 3:5] = 1
-    r = region_metrics(gt, gt, (1, 1, 1))
+    r = region_metrics(gt, gt, (1, 1, 1), "brats2017")
     assert r["ET"] == {"dice": 1.0, "hd95": 0.0}
     pred = gt.copy(); pred[3, 3, 3] = 4
-    r = region_metrics(pred, gt, (1, 1, 1))
+    r = region_metrics(pred, gt, (1, 1, 1), "brats2017")
     assert r["ET"] == {"dice": 0.0, "hd95": HD95_EMPTY}
     assert r["WT"] == {"dice": 1.0, "hd95": 0.0}
 
@@ -128,7 +128,7 @@ def test_evaluate_command_end_to_end(tmp_path, capsys):
     for r in rows[:3]:
         case = load_case(data / r["case"])
         pred = np.asanyarray(nib.load(str(preds / f"{r['case']}.nii.gz")).dataobj)
-        m = region_metrics(pred, case.label, case.spacing)
+        m = region_metrics(pred, case.label, case.spacing, case.label_convention)
         for reg in REGIONS:
             assert abs(float(r[f"Dice_{reg}"]) - m[reg]["dice"]) < 1e-6
             assert abs(float(r[f"HD95_{reg}"]) - m[reg]["hd95"]) < 1e-6
