@@ -20,14 +20,14 @@ from .core import BratsError, atomic_path, bbox
 
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
-           'ERROR_COLORS', 'LabelConvention', 'get_convention', 'CaseFiles', 'case_files', 'find_cases', 'read_nifti',
-           'detect_label_convention', 'check_label_values', 'Case', 'load_case', 'et_label', 'labels_to_regions',
-           'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask', 'normalize', 'windowed',
-           'take_slice', 'overlay_rgb', 'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer',
-           'nifti_bytes', 'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'RandTumourCropd',
-           'training_transforms', 'load_extra', 'BratsDataset', 'save_nifti', 'resample_factors', 'downsample_arrays',
-           'brain_box', 'downsampled_affine', 'whole_blocks', 'downsample_case', 'write_case_folder',
-           'downsample_folder', 'add_cli']
+           'TISSUE_COLORS', 'ERROR_COLORS', 'LabelConvention', 'get_convention', 'CaseFiles', 'case_files',
+           'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case', 'load_case', 'et_label',
+           'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask',
+           'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb', 'tumour_centre', 'show_case',
+           'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes', 'wt_disagreement', 'label_lut',
+           'volume_viewer', 'show_volume', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset',
+           'save_nifti', 'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
+           'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -357,11 +357,20 @@ def take_slice(vol, axis, index):
     "A 2D slice for display: rows top to bottom, the way radiologists look at it."
     return np.rot90(np.take(vol, index, axis=axis))
 
+TISSUE_COLORS = {**{k: LABEL_COLORS["NCR/NET"] for k in ("NCR/NET", "NETC", "non-enhancing tumour")},
+                 **{k: LABEL_COLORS["ED"] for k in ("ED", "SNFH", "edema")},
+                 **{k: LABEL_COLORS["ET"] for k in ("ET", "enhancing tumour", "GTV")},
+                 "RC": (0.30, 0.55, 1.00), "CC": (1.00, 0.55, 0.10)}   # cavity blue, cyst orange
+
+def label_colours(convention="brats2017"):
+    "(value, name, colour) of each label of `convention`: tumour core red, edema green, enhancing yellow (whatever their numbers)."
+    return [(v, n, TISSUE_COLORS[n]) for v, n in sorted(get_convention(convention).labels.items())]
+
 def overlay_rgb(gray, label=None, convention="brats2017", alpha=0.45):
     "An RGB image of a 2D gray slice in [0, 1] with the label classes blended over it."
     rgb = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
     if label is not None:
-        for value, color in zip((1, 2, et_label(convention)), LABEL_COLORS.values()):
+        for value, _, color in label_colours(convention):
             sel = label == value
             rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(color, np.float32)
     return rgb
@@ -438,7 +447,7 @@ def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
         lab = take_slice(case.label, a, sl.value) if (ov.value and case.label is not None) else None
         img.value = png_bytes(overlay_rgb(gray, lab, case.label_convention), scale)
         counts = "" if lab is None else " · " + ", ".join(f"{k}: {int((lab == v).sum())}" for k, v in
-                                                        zip(LABEL_COLORS, (1, 2, et_label(case.label_convention))))
+                                                        [(n, v) for v, n, _ in label_colours(case.label_convention)])
         info.value = f"<b>{case.name}</b> · {ax_dd.value} {sl.value}/{sl.max}{counts}"
 
     for w in (mod_dd, ov): w.observe(draw, "value")
@@ -473,7 +482,7 @@ def _lut(items):
 
 def label_lut(convention="brats2017"):
     "The BraTS label colours (NCR red, ED green, ET yellow) at the label values of `convention`."
-    return _lut([(k, v, LABEL_COLORS[k]) for k, v in zip(LABEL_COLORS, (1, 2, et_label(convention)))])
+    return _lut([(n, v, c) for v, n, c in label_colours(convention)])
 
 def _crosshair(vox, affine, shape):
     "NiiVue's crosshair position (fractions of the volume resliced to RAS) of voxel `vox`; exact for axis-aligned affines."
@@ -569,7 +578,7 @@ def volume_viewer(case, prediction=None, overlays=None, modality="flair", height
                                         layout=W.Layout(width="260px"))
     sw = lambda c, t: (f"<span style='display:inline-block;width:10px;height:10px;margin-right:3px;border:1px solid #888;"
                        f"background:rgb({','.join(str(int(255 * v)) for v in c)})'></span>{t}&nbsp; ")
-    legend = "labels: " + "".join(sw(c, k) for k, c in LABEL_COLORS.items())
+    legend = "labels: " + "".join(sw(c, f"{n} ({v})") for v, n, c in label_colours(case.label_convention))
     if "WT errors" in makers: legend += "<br>WT errors: " + "".join(sw(c, k) for k, c in ERROR_COLORS.items())
     panel = W.VBox([W.HTML(f"<b>{case.name}</b> · {small[0]}×{small[1]}×{small[2]} (brain box)"), *controls.values(),
                     W.HTML(f"<div style='font-size:12px;line-height:1.6'>{legend}</div>")],

@@ -52,7 +52,7 @@ def lab(tmp_path_factory):
                             ("@jupyterlab/notebook-extension", "tracker", {"windowingMode": "none"})]:
         (settings / ext).mkdir(parents=True, exist_ok=True)
         (settings / ext / f"{name}.jupyterlab-settings").write_text(json.dumps(body))
-    # the notebooks refer to ../data_samples, results/ and ../../shared: keep that layout inside the server's root
+    # the notebooks refer to ../data_samples and results/: keep that layout inside the server's root (real data: $BRATS_NB_DATA)
     (root / "nbs").mkdir()
     for nb in (REPO / "nbs").glob("*.ipynb"): shutil.copy(nb, root / "nbs" / nb.name)   # as a student has them
     os.symlink(REPO / "data_samples", root / "data_samples")
