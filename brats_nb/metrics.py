@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,14 @@ from scipy import ndimage
 
 from .core import BratsError, atomic_path, bbox
 from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions,
-                           get_convention, read_nifti, brain_mask, Case, CONVENTIONS)
+                           get_convention, read_nifti, brain_mask, Case, CONVENTIONS, detect_label_convention,
+                           check_label_values, _KEY_RE)
 
 # %% auto #0
 __all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'LESIONWISE_COLUMNS', 'as_mask', 'dice', 'surface', 'surface_distances', 'hd95',
            'region_metrics', 'whole_brain_dice', 'lesion_scores_2025', 'flat_metrics', 'summarize', 'write_metrics_csv',
-           'prediction_path', 'load_prediction', 'lesionwise_rows', 'write_lesionwise_csv', 'evaluate_folder',
-           'format_summary', 'add_cli']
+           'ground_truth_files', 'load_ground_truth', 'prediction_path', 'load_prediction', 'lesionwise_rows',
+           'write_lesionwise_csv', 'evaluate_folder', 'format_summary', 'add_cli']
 
 # %% ../nbs/07_metrics.ipynb #100b8444
 HD95_EMPTY = 373.13  # BraTS: the HD95 when exactly one of prediction and ground truth is empty (the diagonal of the volume, mm)
@@ -192,6 +194,34 @@ def write_metrics_csv(rows, summary, path):
         for name, s in summary.items(): w.writerow([name, *(f"{s[c]:.6f}" for c in METRIC_COLUMNS)])
     return Path(path)
 
+# %% ../nbs/07_metrics.ipynb #221b063f
+_SEG_FILE = re.compile(r"^(?P<name>.+?)(?P<suffix>[-_]seg)?\.nii(\.gz)?$")
+
+def ground_truth_files(gt_dir):
+    """A flat folder of ground-truth label maps (`<case>-seg.nii.gz`, `<case>_seg.nii.gz` or `<case>.nii.gz`, as the
+    official scorers take them): {case: path}; {} when `gt_dir` holds no such file (a folder of case folders)."""
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir() or _msd_task(gt_dir): return {}
+    files = [p for p in sorted(gt_dir.iterdir()) if p.is_file() and not p.name.startswith(".") and _SEG_FILE.match(p.name)]
+    if any((m := _KEY_RE.match(p.name)) and m["key"] != "seg" for p in files): return {}   # a case folder, with its images
+    return {_SEG_FILE.match(p.name)["name"]: p for p in files}
+
+def _msd_task(d):
+    return (d / "imagesTr").is_dir() or d.name in ("imagesTr", "imagesTs")
+
+def load_ground_truth(path, name, convention=None):
+    "A `Case` holding only a ground-truth label map (no images): label, affine, header, spacing, convention."
+    path = Path(path)
+    img, data = read_nifti(path)
+    if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
+        raise BratsError(f"{path}: label values must be whole numbers")
+    label = data.astype(np.uint8)
+    if convention is None:
+        naming = "brats2023" if (m := _SEG_FILE.match(path.name)) and m["suffix"] == "-seg" else "brats2017"
+        convention = detect_label_convention(label, naming, path, name)
+    else: check_label_values(label, convention, path)
+    return Case(name, np.zeros((0, *label.shape), np.float32), label, img.affine.copy(), img.header.copy(), None, convention)
+
 # %% ../nbs/07_metrics.ipynb #fbf13398
 def prediction_path(pred_dir, case_name):
     "Where a prediction for `case_name` is expected: `<pred_dir>/<case>.nii.gz`."
@@ -243,16 +273,24 @@ def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False,
     if lesionwise not in (None, "2025"): raise BratsError(f"lesion-wise rule {lesionwise!r}: only '2025' is implemented (the 2023-2024 rule is not yet)")
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir(): raise BratsError(f"{pred_dir}: no such prediction folder")
-    case_dirs = [Path(d) for d in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)
-    if not case_dirs: raise BratsError("evaluate_folder: no cases given")
-    for d in case_dirs:  # every check that needs no loading, before any work
-        cf = case_files(d)
-        if cf.seg is None: raise BratsError(f"{d}: case {cf.name!r} has no label file; it cannot be evaluated")
-        if not prediction_path(pred_dir, cf.name).is_file():
-            raise BratsError(f"{prediction_path(pred_dir, cf.name)}: missing prediction for case {cf.name!r}")
+    flat = {} if isinstance(data_dir, (list, tuple)) else ground_truth_files(data_dir)
+    if flat:                                                   # a flat folder of seg files, as the official scorers take
+        names = list(flat)
+        missing = [n for n in names if not prediction_path(pred_dir, n).is_file()]
+        if missing: raise BratsError(f"{prediction_path(pred_dir, missing[0])}: missing prediction for case {missing[0]!r}")
+        loaders = [lambda n=n: load_ground_truth(flat[n], n, convention) for n in names]
+    else:
+        case_dirs = [Path(d) for d in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)
+        if not case_dirs: raise BratsError("evaluate_folder: no cases given")
+        for d in case_dirs:  # every check that needs no loading, before any work
+            cf = case_files(d)
+            if cf.seg is None: raise BratsError(f"{d}: case {cf.name!r} has no label file; it cannot be evaluated")
+            if not prediction_path(pred_dir, cf.name).is_file():
+                raise BratsError(f"{prediction_path(pred_dir, cf.name)}: missing prediction for case {cf.name!r}")
+        loaders = [lambda d=d: load_case(d, label_convention=convention) for d in case_dirs]
     rows, lw = [], []
-    for d in case_dirs:
-        case = load_case(d, label_convention=convention)
+    for load in loaders:
+        case = load()
         pred, conv = load_prediction(prediction_path(pred_dir, case.name), case)
         m = region_metrics(pred, case.label, case.spacing, case.label_convention, conv, mode=mode)
         rows.append({"case": case.name, **flat_metrics(m)})
@@ -277,7 +315,8 @@ def add_cli(sub):
                                    "Dice and HD95 (mm) of WT, TC and ET with the BraTS conventions; writes a CSV with one row "
                                    "per case and the mean, median and std.")
     p.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predictions named <case>.nii.gz")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="BraTS folder with the ground truth (<case>_seg.nii.gz)")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="the ground truth: a BraTS folder of cases, a Decathlon task, or a flat "
+                   "folder of label maps (<case>-seg.nii.gz, <case>_seg.nii.gz or <case>.nii.gz)")
     p.add_argument("--out", default=None, help="CSV file to write (default: PRED_DIR/metrics.csv)")
     p.add_argument("--hd-mode", choices=("max", "union"), default="max",
                    help="pool the two directions of HD95 by the max of their percentiles (MONAI; default) or in one set (MedPy)")

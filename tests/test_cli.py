@@ -141,6 +141,11 @@ def test_evaluate_lesionwise_on_the_command_line(tmp_path):
     rows = list(csv.DictReader(open(pred / "metrics_lesionwise.csv")))
     assert len(rows) == 2 * 3 + 3 and all(float(x["f1"]) == 1.0 and float(x["lesion_dsc"]) == 1.0 for x in rows)
     assert "metrics_lesionwise.csv" in r.stdout
+    flat = tmp_path / "flat_gt"; flat.mkdir()                      # the same ground truth as a flat folder of seg files
+    for c in sorted(data.iterdir()): shutil.copy(c / f"{c.name}_seg.nii.gz", flat / f"{c.name}_seg.nii.gz")
+    r = run("evaluate", str(pred), str(flat), "--out", str(tmp_path / "flat.csv"), "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list(csv.DictReader(open(tmp_path / "flat.csv")))[-3]["Dice_TC"] == "1.000000"
 
 
 def test_decathlon_layout_end_to_end(tmp_path):
