@@ -16,12 +16,13 @@ import brats_nb
 from .core import BratsError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main', 'run_demo', 'add_demo_cli', 'make_lesson_model', 'add_lesson_cli']
+__all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main', 'run_demo', 'add_demo_cli', 'export_model', 'add_export_cli',
+           'make_lesson_model', 'add_lesson_cli']
 
 # %% ../nbs/10_cli.ipynb #97259f44
 COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.keypoints", "add_cli"), ("brats_nb.trainer", "add_cli"),
             ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"), ("brats_nb.ablation", "add_cli"),
-            ("brats_nb.cli", "add_demo_cli"), ("brats_nb.cli", "add_lesson_cli")]
+            ("brats_nb.cli", "add_demo_cli"), ("brats_nb.cli", "add_lesson_cli"), ("brats_nb.cli", "add_export_cli")]
 BENCHES = [("brats_nb.bench", "add_bench_cli"), ("brats_nb.keypoints", "add_bench_cli")]
 
 def _register(table, sub):
@@ -116,6 +117,38 @@ def add_demo_cli(sub):
     def run(a):
         files = run_demo(a.out, a.data, a.epochs, a.variant, a.seed, not a.no_tta)
         print("wrote:"); [print("  ", f.resolve()) for f in files]
+    p.set_defaults(func=run)
+
+# %% ../nbs/10_cli.ipynb #7912ec8e
+def export_model(checkpoint, out, example=(64, 64, 64), tolerance=1e-4):
+    """Write the network of `checkpoint` to `out` as TorchScript (traced; any input size that is a multiple of 16), with
+    its configuration as the extra file `config.json`. Returns (path, largest absolute logit difference on a check input)."""
+    import json
+    import torch
+    from brats_nb.core import atomic_path
+    from brats_nb.model import load_model
+    model, config = load_model(checkpoint, channels_last="off")
+    c = int(config["model"]["in_channels"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, c, *example), check_trace=False)
+        check = torch.randn(1, c, example[0] - 16, example[1] + 16, example[2])       # another shape than the trace's
+        diff = float((traced(check) - model(check)).abs().max())
+    if not diff <= tolerance: raise BratsError(f"{checkpoint}: the traced network differs from the original by {diff:.2e} > {tolerance}")
+    out = Path(out)
+    with atomic_path(out) as tmp: torch.jit.save(traced, str(tmp), _extra_files={"config.json": json.dumps(config)})
+    return out, diff
+
+def add_export_cli(sub):
+    p = sub.add_parser("export", help="write a trained network as TorchScript, to run without brats_nb",
+                       description="Trace the network of CHECKPOINT and write it as TorchScript (torch.jit.load runs it), "
+                                   "checked against the original on an input of another shape.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a brats_nb checkpoint")
+    p.add_argument("--out", required=True, help="the TorchScript file to write")
+    p.add_argument("--format", default="torchscript", choices=("torchscript",), help="torchscript (ONNX is not done yet)")
+    def run(a):
+        path, diff = export_model(a.checkpoint, a.out)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB); largest logit difference from the original {diff:.1e}")
     p.set_defaults(func=run)
 
 # %% ../nbs/10_cli.ipynb #7574f3c5
