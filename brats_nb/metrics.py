@@ -103,15 +103,9 @@ def whole_brain_dice(case) -> float:
 _CC26 = np.ones((3, 3, 3), bool)                               # 26-connectivity
 _FACE = ndimage.generate_binary_structure(3, 1)                # border = mask minus its 6-neighbour erosion
 
-def _box(mask, pad):
-    "Slices of the bounding box of `mask`, grown by `pad` voxels; None when it is empty."
-    sl = ndimage.find_objects(mask.astype(np.uint8))
-    if not sl or sl[0] is None: return None
-    return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(sl[0], mask.shape))
-
 def _border_distances(ref, pred, spacing=None):
     "Distances (mm with `spacing`, else voxels) from each border voxel of `ref` to the border of `pred`, and back."
-    box = _box(ref | pred, 2); ref, pred = ref[box], pred[box]
+    box = bbox(ref | pred, 2); ref, pred = ref[box], pred[box]
     br, bp = ref ^ ndimage.binary_erosion(ref, _FACE), pred ^ ndimage.binary_erosion(pred, _FACE)
     return (ndimage.distance_transform_edt(~bp, sampling=spacing)[br], ndimage.distance_transform_edt(~br, sampling=spacing)[bp])
 
@@ -132,7 +126,7 @@ def lesion_scores_2025(pred_mask, gt_mask, spacing=(1.0, 1.0, 1.0), nsd_toleranc
     if ref.shape != pred.shape: raise BratsError(f"lesion_scores_2025: prediction shape {pred.shape} differs from ground truth {ref.shape}")
     sp = tuple(float(s) for s in spacing)
     tol = min(sp) if nsd_tolerance is None else float(nsd_tolerance)
-    box = _box(ref | pred, 3)
+    box = bbox(ref | pred, 3)
     if box is not None: ref, pred = ref[box], pred[box]
     rcc, n_ref = ndimage.label(ref, _CC26); pcc, n_pred = ndimage.label(pred, _CC26)
     rsize, psize = np.bincount(rcc.ravel(), minlength=n_ref + 1), np.bincount(pcc.ravel(), minlength=n_pred + 1)
