@@ -32,7 +32,20 @@ class SIE(nn.Module):
 
     def gate(self, x):
         "V in (0, 1), shape of x."
-        return torch.sigmoid(self.fuse(self.stack(x)))
+        return torch.sigmoid(self.fused_sum(x) if self.interleave else self.fuse(self.stack(x)))
+
+    def fused_sum(self, x):
+        """`fuse(stack(x))` without the 4C-channel stack: sum_k w_ck (h_k * x)_c + b_c, each fusion weight w_ck folded
+        into the depthwise kernel of branch k (and the 1x1x1 branch into a scale). Same function, same parameters."""
+        C, nd = self.channels, x.dim() - 2
+        w = self.fuse.weight.view(C, len(self.branches))
+        col = (1, C) + (1,) * nd
+        b0 = self.branches[0]
+        bias = self.fuse.bias + sum(b.bias * w[:, k] for k, b in enumerate(self.branches))
+        out = torch.addcmul(bias.view(col), x, (b0.weight.view(C) * w[:, 0]).view(col))
+        for k, b in enumerate(self.branches[1:], 1):
+            out = out + b._conv_forward(x, b.weight * w[:, k].view((C,) + (1,) * (nd + 1)), None)
+        return out
 
     def forward(self, x):
         if x.shape[1] != self.channels:
