@@ -22,10 +22,10 @@ from .metrics import dice, flat_metrics, load_prediction, region_metrics
 from .model import load_model
 
 # %% auto #0
-__all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'argmax_classes', 'predict_case',
-           'predict_folder', 'predict_resampled', 'EvalProtocol', 'evaluate_cases', 'disagreement_rgb',
-           'uncertainty_rgb', 'prediction_viewer', 'show_prediction', 'tta_uncertainty', 'add_cli', 'model_in_channels',
-           'benchmark_inference', 'format_inference_bench']
+__all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'drop_coreless',
+           'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled', 'EvalProtocol', 'evaluate_cases',
+           'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer', 'show_prediction', 'tta_uncertainty', 'add_cli',
+           'model_in_channels', 'benchmark_inference', 'format_inference_bench']
 
 # %% ../nbs/08_inference.ipynb #5693ed63
 def pad_to_multiple(x, multiple=16):
@@ -99,6 +99,17 @@ def postprocess_et(label, threshold=500, et_value=3, new_value=1):
     if 0 < int(et.sum()) < threshold: out[et] = new_value
     return out
 
+# %% ../nbs/08_inference.ipynb #ed923c02
+def drop_coreless(classes, core=(1, 3)):
+    "A copy of `classes` (NumPy, 0 background) without the 26-connected tumour components that hold no `core` class voxel (NCR 1, ET 3)."
+    from scipy import ndimage
+    out = np.array(classes, copy=True)
+    comp, n = ndimage.label(out > 0, structure=np.ones((3,) * out.ndim))
+    if n == 0: return out
+    has_core = ndimage.maximum(np.isin(out, core), comp, np.arange(1, n + 1)).astype(bool)
+    out[~np.concatenate([[True], has_core])[comp]] = 0
+    return out
+
 # %% ../nbs/08_inference.ipynb #3a8ddaea
 def argmax_classes(probs, mask=None):
     "The most probable class per voxel, uint8 NumPy (as `probs.argmax(0)`, ties to the lower class, but fast on CPU); 0 outside `mask`."
@@ -114,9 +125,10 @@ def argmax_classes(probs, mask=None):
 
 def predict_case(model, case, out_path=None, tta=False, sliding_window=False, postprocess=True, et_threshold=500,
                  convention=None, roi_size=128, overlap=0.5, sw_batch_size=1, device=None, amp=False, return_probs=False,
-                 mask_background=True):
+                 mask_background=True, need_core=False):
     """Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path` if given.
-    With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network says."""
+    With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network says;
+    with `need_core`, tumour components without a core are dropped (`drop_coreless`)."""
     if not isinstance(case, Case): case = load_case(case, load_label=False)   # a prediction needs no ground truth
     convention = convention or case.label_convention
     et_label(convention)
@@ -124,6 +136,7 @@ def predict_case(model, case, out_path=None, tta=False, sliding_window=False, po
                            overlap=overlap, sw_batch_size=sw_batch_size, device=device, amp=amp)
     classes = argmax_classes(probs, brain_mask(case.image) if mask_background else None)
     if postprocess: classes = postprocess_et(classes, et_threshold)
+    if need_core: classes = drop_coreless(classes)
     label = classes_to_labels(classes, convention).astype(np.uint8)
     if out_path is not None: save_nifti(label, out_path, case.affine, case.header, dtype=np.uint8)
     return (label, probs) if return_probs else label
@@ -147,7 +160,7 @@ def predict_folder(model, data_dir, out_dir, verbose=True, **kw):
 # %% ../nbs/08_inference.ipynb #112ba7bb
 @torch.no_grad()
 def predict_resampled(model, case, target=2.0, margin=4, out_path=None, postprocess=True, et_threshold=500, convention=None,
-                      device=None, amp=False, **predict_kwargs):
+                      device=None, amp=False, need_core=False, **predict_kwargs):
     """Label map (X, Y, Z) uint8 of a full-resolution case from a model trained on copies made by `downsample_case`
     (same `target` and `margin`); written to `out_path` if given. `predict_kwargs` go to `predict_volume` (tta, windows)."""
     if not isinstance(case, Case): case = load_case(case, load_label=False)
@@ -161,6 +174,7 @@ def predict_resampled(model, case, target=2.0, margin=4, out_path=None, postproc
     classes = np.zeros(case.shape, np.uint8)
     classes[box] = argmax_classes(big, brain_mask(case.image[(slice(None),) + box]))
     if postprocess: classes = postprocess_et(classes, et_threshold)
+    if need_core: classes = drop_coreless(classes)
     label = classes_to_labels(classes, convention).astype(np.uint8)
     if out_path is not None: save_nifti(label, out_path, case.affine, case.header, dtype=np.uint8)
     return label
@@ -177,6 +191,7 @@ class EvalProtocol:
     et_threshold: int = 500
     hd95: bool = False            # also the 95th-percentile Hausdorff distance (slower)
     mask_background: bool = True  # background wherever every modality is 0
+    need_core: bool = False       # drop tumour components without a core voxel (`drop_coreless`)
 
     @property
     def name(self):
@@ -184,12 +199,14 @@ class EvalProtocol:
         parts = [f"sliding {self.roi_size}³ windows (overlap {self.overlap:g})" if self.sliding_window else "whole volume"]
         if self.tta: parts.append("8-flip TTA")
         if self.postprocess: parts.append(f"ET < {self.et_threshold} voxels relabelled")
+        if self.need_core: parts.append("tumour without a core dropped")
         return ", ".join(parts)
 
     def predict_kwargs(self):
         "The keyword arguments of `predict_case` for this protocol."
         return dict(tta=self.tta, sliding_window=self.sliding_window, roi_size=self.roi_size, overlap=self.overlap,
-                    postprocess=self.postprocess, et_threshold=self.et_threshold, mask_background=self.mask_background)
+                    postprocess=self.postprocess, et_threshold=self.et_threshold, mask_background=self.mask_background,
+                    need_core=self.need_core)
 
 # %% ../nbs/08_inference.ipynb #73761531
 @torch.no_grad()
@@ -355,6 +372,7 @@ def add_cli(sub):
     p.add_argument("--et-threshold", type=int, default=500, help="fewer predicted ET voxels than this become label 1 (default 500; 0 disables)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the ET post-processing")
     p.add_argument("--no-brain-mask", action="store_true", help="keep tumour labels outside the brain (voxels where every modality is 0)")
+    p.add_argument("--drop-coreless", action="store_true", help="drop predicted tumour components that hold no core (NCR or ET) voxel, as the demo does")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on a GPU")
     p.add_argument("--variant", default=None, help="refuse a checkpoint of another variant")
@@ -374,7 +392,7 @@ def add_cli(sub):
         if a.downsampled is not None and (a.downsampled <= 0 or a.no_brain_mask):
             raise BratsError("--downsampled needs a positive spacing in mm, and predicts inside the brain only (no --no-brain-mask)")
         kw = dict(tta=a.tta, sliding_window=a.sliding_window, roi_size=a.roi_size, overlap=a.overlap, postprocess=not a.no_postprocess,
-                  et_threshold=a.et_threshold, device=device, amp=a.amp, convention=a.convention)
+                  et_threshold=a.et_threshold, device=device, amp=a.amp, convention=a.convention, need_core=a.drop_coreless)
         if a.downsampled is None: paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, **kw)
         else:
             paths = [Path(a.out) / f"{c.name}.nii.gz" for c in cases]

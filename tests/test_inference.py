@@ -238,6 +238,16 @@ def test_predict_and_evaluate_commands_on_samples(tmp_path, capsys):
     brain = brain_mask(load_case(data / "Synth_000").image)
     assert not masked[~brain].any()
     assert np.array_equal(unmasked, predict_case(loaded, data / "Synth_000", mask_background=False))
+    # --drop-coreless: the same label map without the tumour components that hold no NCR/ET voxel
+    assert main(["predict", str(tmp_path / "ck.pt"), str(data / "Synth_000"), "--out", str(tmp_path / "core"), "--drop-coreless"]) == 0
+    cored = np.asanyarray(nib.load(str(tmp_path / "core" / "Synth_000.nii.gz")).dataobj)
+    from scipy import ndimage
+    comp, n = ndimage.label(masked > 0, structure=np.ones((3, 3, 3)))
+    for i in range(1, n + 1):
+        k = comp == i
+        expect = masked[k] if np.isin(masked[k], (1, 4)).any() else 0   # label 4 is ET in the samples' 2017 numbering
+        assert np.array_equal(cored[k], np.broadcast_to(expect, cored[k].shape))
+    assert not cored[comp == 0].any()
     capsys.readouterr()
 
 
