@@ -206,6 +206,8 @@ def conv_macs(model, input_shape, by_module=False):
     def hook(mod, inp, out):
         counts[mod] = counts.get(mod, 0) + out.numel() // out.shape[0] * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
     names = {mod: n for n, mod in m.named_modules()}
+    for s in m.modules():   # count an SIE by its formula (branches, then fusion), not by the folded sum it computes
+        if isinstance(s, SIE): s.fused_sum = (lambda s: lambda t: s.fuse(s.stack(t)))(s)
     hs = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     try:
         with torch.no_grad(): m.eval()(torch.empty(input_shape, device="meta"))

@@ -140,14 +140,14 @@ def test_channels_last_checkpoints_load_either_way(tmp_path):
 def test_checkpoint_from_before_mie_residual_still_resumes(tmp_path):
     "Checkpoints written before the `mie_residual` option have no such key in their network config: they load and resume."
     out = tmp_path / "old"
-    r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "1", "--out", str(out))
+    r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "1", "--mie-residual", "false", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(out / "latest.pt", weights_only=True)
-    assert ck["config"]["model"].pop("mie_residual") is False
+    assert ck["config"]["model"].pop("mie_residual") is False   # the old checkpoints were all plain MIE
     torch.save(ck, out / "latest.pt")
     model, _ = load_model(out / "latest.pt")
     assert model.mie is not None and not model.mie.residual
-    r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "2", "--out", str(out), "--resume")
+    r = brats_nb("train", *SMALL, "--variant", "mie", "--epochs", "2", "--mie-residual", "false", "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(read_log(out)) == 2
     # a residual run is a different network: it does not resume the plain one
