@@ -22,13 +22,12 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     import nibabel as nib
-    from brats_nb.data import find_cases, labels_to_regions, load_case
+    from brats_nb.data import find_cases, labels_to_classes, labels_to_regions, load_case
     from brats_nb.inference import drop_coreless, evaluate_cases
     from brats_nb.metrics import dice
     from brats_nb.model import load_model
     from brats_nb.synth import make_samples
     from brats_nb.trainer import TrainConfig
-    from brats_nb.data import get_convention
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         make_samples(Path(tmp) / "cases", a.n, start=a.start)
@@ -43,9 +42,7 @@ def main(argv=None):
                 case = load_case(c); conv = case.label_convention
                 pred = np.asanyarray(nib.load(str(out / f"{case.name}.nii.gz")).dataobj)
                 gt = labels_to_regions(case.label, conv)
-                classes = np.zeros_like(pred)                      # back to classes (1 NCR, 2 ED, 3 ET) for the rule
-                for k, v in enumerate(get_convention(conv).classes, 1): classes[pred == v] = k
-                kept = np.where(drop_coreless(classes) > 0, pred, 0)
+                kept = np.where(drop_coreless(labels_to_classes(pred, conv)) > 0, pred, 0)   # the rule works on classes
                 for name, lab in (("plain", pred), ("need_core", kept)):
                     scores[name].append([dice(x, y) for x, y in zip(labels_to_regions(lab, conv), gt)])
             run_name = Path(run).parent.name if Path(run).name == "run" else Path(run).name

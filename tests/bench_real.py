@@ -34,8 +34,7 @@ def main(argv=None):
     p.add_argument("--keep", default=None, help="keep the 2 mm copies and the run here")
     a = p.parse_args(argv)
 
-    from brats_nb.data import brain_mask, downsample_case, find_cases, labels_to_regions, load_case, write_case_folder
-    from brats_nb.data import get_convention
+    from brats_nb.data import brain_mask, downsample_case, find_cases, labels_to_classes, labels_to_regions, load_case, write_case_folder
     from brats_nb.inference import drop_coreless, predict_resampled
     from brats_nb.metrics import dice
     from brats_nb.model import load_model
@@ -63,9 +62,7 @@ def main(argv=None):
         t_pred = time.perf_counter() - t2
         gt = labels_to_regions(case.label, case.label_convention)
         d = [dice(x, y) for x, y in zip(labels_to_regions(label, case.label_convention), gt)]
-        classes = np.zeros_like(label)                     # the demo's rule: tumour components without a core dropped
-        for k, v in enumerate(get_convention(case.label_convention).classes, 1): classes[label == v] = k
-        cored = np.where(drop_coreless(classes) > 0, label, 0)
+        cored = np.where(drop_coreless(labels_to_classes(label, case.label_convention)) > 0, label, 0)   # the demo's rule
         dc = [dice(x, y) for x, y in zip(labels_to_regions(cored, case.label_convention), gt)]
         floor = dice(brain_mask(case.image), case.label > 0)
         rows.append(dict(arm=a.arm, train_cases=len(train_cases), heldout=held.name, epochs=a.epochs,
