@@ -20,13 +20,14 @@ from .core import BratsError, atomic_path, bbox
 
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
-           'TISSUE_COLORS', 'ERROR_COLORS', 'LabelConvention', 'get_convention', 'CaseFiles', 'case_files',
-           'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case', 'load_case', 'et_label',
-           'labels_to_regions', 'regions_to_labels', 'labels_to_classes', 'classes_to_labels', 'brain_mask',
-           'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb', 'tumour_centre', 'show_case',
-           'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes', 'wt_disagreement', 'label_lut',
-           'volume_viewer', 'show_volume', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset',
-           'save_nifti', 'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
+           'TISSUE_COLORS', 'ERROR_COLORS', 'naming_modalities', 'LabelConvention', 'get_convention', 'CaseFiles',
+           'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case',
+           'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
+           'label_convention_of', 'labels_to_classes', 'classes_to_labels', 'brain_mask', 'normalize', 'windowed',
+           'take_slice', 'label_colours', 'overlay_rgb', 'pick_modality', 'tumour_centre', 'show_case', 'png_bytes',
+           'slice_controls', 'slice_viewer', 'nifti_bytes', 'wt_disagreement', 'label_lut', 'volume_viewer',
+           'show_volume', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset', 'save_nifti',
+           'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
            'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
@@ -36,13 +37,19 @@ NAMINGS = {  # file key of each modality in the two BraTS namings, and the separ
     "brats2017": dict(sep="_", keys={"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}),
     "brats2023": dict(sep="-", keys={"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}),
     "msd": dict(sep="_", keys={}),   # Decathlon Task01: imagesTr/<case>.nii.gz (4D) and labelsTr/<case>.nii.gz
+    "men-rt": dict(sep="_", keys={"t1ce": "t1c", "seg": "gtv"}, modalities=("t1ce",)),   # BraTS 2024 MEN-RT: T1c and the GTV
 }
+
+def naming_modalities(naming):
+    "The modalities a case of file `naming` holds (all four of `MODALITIES`, or T1c alone for MEN-RT)."
+    return NAMINGS[naming].get("modalities", MODALITIES)
 MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")  # the channel order of a Decathlon Task01 image: FLAIR, T1w, T1gd, T2w
 
 # %% ../nbs/00_data.ipynb #81843bb5
 @dataclass(frozen=True)
 class LabelConvention:
-    "A label convention: label value -> name, evaluated region -> label values, and the values of network classes 1, 2, 3 (None: not trainable yet)."
+    """A label convention: label value -> name, evaluated region -> label values, and the label values of the network's
+    classes 1, 2, 3 (NCR-like, ED-like, ET), then any tissue of its own (None: not trainable)."""
     name: str
     labels: dict
     regions: dict
@@ -58,9 +65,9 @@ CONVENTIONS = {c.name: c for c in (
     LabelConvention("brats2023", {1: "NETC", 2: "SNFH", 3: "ET"}, {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}, (1, 2, 3),
                     "BraTS 2023+ GLI, MET, MEN, SSA, GoAT"),
     LabelConvention("brats2024-post", {1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"},
-                    {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,), "RC": (4,)}, None,
+                    {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,), "RC": (4,)}, (1, 2, 3, 4),
                     "BraTS 2024-2025 glioma post-treatment, BraTS 2025 MET"),
-    LabelConvention("brats2024-ped", {1: "ET", 2: "NETC", 3: "CC", 4: "ED"}, {"WT": (1, 2, 3, 4), "TC": (1, 2, 3), "ET": (1,)}, None,
+    LabelConvention("brats2024-ped", {1: "ET", 2: "NETC", 3: "CC", 4: "ED"}, {"WT": (1, 2, 3, 4), "TC": (1, 2, 3), "ET": (1,)}, (2, 4, 1, 3),
                     "BraTS 2024 pediatric"),
     LabelConvention("men-rt", {1: "GTV"}, {"GTV": (1,)}, None, "BraTS 2024 meningioma radiotherapy"),
     LabelConvention("msd", {1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}, {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
@@ -75,10 +82,11 @@ def get_convention(convention):
     return CONVENTIONS[convention]
 
 # %% ../nbs/00_data.ipynb #5222446a
-_KEY_RE = re.compile(r"^(?P<prefix>.+?)(?P<sep>[_-])(?P<key>t1ce|t1c|t1n|t1|t2w|t2f|t2|flair|seg)\.nii(\.gz)?$")
+_KEY_RE = re.compile(r"^(?P<prefix>.+?)(?P<sep>[_-])(?P<key>t1ce|t1c|t1n|t1|t2w|t2f|t2|flair|seg|gtv)\.nii(\.gz)?$")
 
 def _naming_of(key, sep):
     if key in ("t1ce", "t1", "t2", "flair"): return "brats2017"
+    if key == "gtv" or (key == "t1c" and sep == "_"): return "men-rt"     # BraTS-MEN-RT-0000-1_t1c / _gtv
     if key in ("t1c", "t1n", "t2w", "t2f"): return "brats2023"
     return "brats2023" if sep == "-" else "brats2017"  # seg: the separator tells
 
@@ -126,13 +134,13 @@ def case_files(case_dir) -> CaseFiles:
         raise BratsError(f"{case_dir}: files of several cases or namings in one folder: "
                          + ", ".join(f"{p} ({n})" for p, n in found))
     (prefix, naming), files = next(iter(found.items()))
-    keys = NAMINGS[naming]["keys"]
-    missing = [m for m in MODALITIES if keys[m] not in files]
+    keys, mods = NAMINGS[naming]["keys"], naming_modalities(naming)
+    missing = [m for m in mods if keys[m] not in files]
     if missing:
         sep = NAMINGS[naming]["sep"]
         raise BratsError(f"{case_dir}: missing modality " + ", ".join(
             f"{m!r} (expected {prefix}{sep}{keys[m]}.nii.gz)" for m in missing))
-    return CaseFiles(prefix, case_dir, naming, {m: files[keys[m]] for m in MODALITIES}, files.get("seg"))
+    return CaseFiles(prefix, case_dir, naming, {m: files[keys[m]] for m in mods}, files.get(keys["seg"]))
 
 # %% ../nbs/00_data.ipynb #6008f6d1
 def find_cases(root) -> list[Path]:
@@ -176,7 +184,7 @@ def detect_label_convention(label, naming="brats2017", path="label map", name=""
     if str(name).startswith("BraTS-PED"):                               # 2023: the GLI labels; 2024: 1 ET, 2 NETC, 3 CC, 4 ED
         if 4 in values: return "brats2024-ped"
         fail("fit both the 2023 pediatric labels (brats2023) and the 2024 ones (brats2024-ped)")
-    if str(name).startswith("BraTS-MEN-RT"):
+    if str(name).startswith("BraTS-MEN-RT") or naming == "men-rt":
         if values <= {0, 1}: return "men-rt"
         fail("are not a MEN-RT GTV map (0, 1)")
     if naming == "brats2023":                                           # 2023+ files: 3 is ET, 4 the resection cavity
@@ -240,7 +248,7 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
     files = case_files(case_dir)
     if files.naming == "msd": return _load_msd(files, label_convention, load_label)
     vols, ref = [], None
-    for m in MODALITIES:
+    for m in files.paths:
         img, data = read_nifti(files.paths[m])
         if ref is None: ref = (files.paths[m], img)
         else: _check_same_space(*ref, files.paths[m], img)
@@ -249,7 +257,7 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
         if bad.any(): raise BratsError(f"{files.paths[m]}: {int(bad.sum())} voxels are NaN or infinite")
         vols.append(data)
     label = None
-    convention = label_convention or ("brats2023" if files.naming == "brats2023" else "brats2017")
+    convention = label_convention or {"brats2023": "brats2023", "men-rt": "men-rt"}.get(files.naming, "brats2017")
     if load_label and files.seg is not None:
         img, data = read_nifti(files.seg)
         _check_same_space(*ref, files.seg, img)
@@ -260,7 +268,7 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
         else: check_label_values(label, label_convention, files.seg)
     get_convention(convention)
     ref_img = ref[1]
-    return Case(files.name, np.stack(vols), label, ref_img.affine.copy(), ref_img.header.copy(), files, convention)
+    return Case(files.name, np.stack(vols), label, ref_img.affine.copy(), ref_img.header.copy(), files, convention, tuple(files.paths))
 
 # %% ../nbs/00_data.ipynb #915f99c3
 def et_label(convention):
@@ -294,13 +302,13 @@ def labels_to_regions(label, convention=None, regions=REGIONS):
 
 def _classes(c):
     if c.classes is None:
-        raise BratsError(f"label convention {c.name!r} ({c.where}) cannot be trained or predicted by the three-class network yet; "
+        raise BratsError(f"label convention {c.name!r} ({c.where}) cannot be trained or predicted by the WT/TC/ET network; "
                          "its regions can be evaluated (labels_to_regions)")
     return c.classes
 
 def regions_to_labels(regions, convention):
     "Label map in `convention` from nested regions (WT, TC, ET) on the first axis: the ED-like value in WT, NCR-like in TC, ET in ET."
-    ncr, ed, et = _classes(get_convention(convention))
+    ncr, ed, et = _classes(get_convention(convention))[:3]
     if isinstance(regions, torch.Tensor):
         r = regions.bool(); out = torch.zeros(r.shape[1:], dtype=torch.uint8, device=r.device)
     else:
@@ -309,15 +317,33 @@ def regions_to_labels(regions, convention):
     return out
 
 # %% ../nbs/00_data.ipynb #cf95c379
+def n_classes(convention):
+    "How many tissue classes (softmax channels less the background) a network trained in `convention` predicts."
+    return len(_classes(get_convention(convention)))
+
+def class_regions(convention):
+    "The softmax classes (1..K) that make up each of WT, TC and ET for a network trained in `convention`."
+    c = get_convention(convention); cl = _classes(c)
+    return {r: tuple(k for k, v in enumerate(cl, 1) if v in c.regions[r]) for r in REGIONS}
+
+def label_convention_of(case_dir, convention=None):
+    "The label convention of a labelled case, read from its label file alone (`convention`: the one to check it against)."
+    files = case_files(case_dir)
+    if files.seg is None: raise BratsError(f"{case_dir}: has no label file")
+    _, data = read_nifti(files.seg)
+    label = np.asarray(data).astype(np.uint8)
+    if convention is not None: check_label_values(label, convention, files.seg); return get_convention(convention).name
+    return "msd" if files.naming == "msd" else detect_label_convention(label, files.naming, files.seg, files.name)
+
 def labels_to_classes(label, convention=None):
-    "Class indices 0..3 for the softmax (1 NCR-like, 2 ED-like, 3 ET) from a label map and its convention (or a Case)."
+    "Class indices for the softmax (1 NCR-like, 2 ED-like, 3 ET, then the convention's own: RC, CC) from a label map and its convention (or a Case)."
     label, c = _label_and_convention(label, convention, "labels_to_classes")
     out = torch.zeros_like(label) if isinstance(label, torch.Tensor) else np.zeros_like(np.asarray(label))
     for k, v in enumerate(_classes(c), 1): out[label == v] = k
     return out
 
 def classes_to_labels(classes, convention):
-    "Label map in `convention` from class indices 0..3."
+    "Label map in `convention` from class indices (0 background, 1..K as `labels_to_classes`)."
     out = torch.zeros_like(classes) if isinstance(classes, torch.Tensor) else np.zeros_like(np.asarray(classes))
     for k, v in enumerate(_classes(get_convention(convention)), 1): out[classes == k] = v
     return out
@@ -376,6 +402,12 @@ def overlay_rgb(gray, label=None, convention="brats2017", alpha=0.45):
     return rgb
 
 # %% ../nbs/00_data.ipynb #30abd262
+def pick_modality(case, modality="flair"):
+    "`modality` if the case has it; for the default (FLAIR) on a case without it (MEN-RT: T1c only), the case's last one."
+    if modality in case.modalities: return modality
+    if modality == "flair": return case.modalities[-1]
+    raise BratsError(f"modality {modality!r}: case {case.name!r} has {', '.join(case.modalities)}")
+
 def tumour_centre(case):
     if case.label is not None and (case.label > 0).any():
         return [int(np.round(np.mean(ix))) for ix in np.nonzero(case.label > 0)]
@@ -432,6 +464,7 @@ def slice_controls(case, axis, redraw):
 # %% ../nbs/00_data.ipynb #515c7626
 def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
     "A widget to browse a case: axis, slice, modality and the label overlay. Returns the widget."
+    modality = pick_modality(case, modality)
     import ipywidgets as W
     if not isinstance(case, Case): case = load_case(case)
     win = windowed(case.image)
@@ -541,7 +574,7 @@ def volume_viewer(case, prediction=None, overlays=None, modality="flair", height
     import ipyniivue
     from ipyniivue import MultiplanarType, ShowRender, SliceType
     if not isinstance(case, Case): case = load_case(case)
-    if modality not in case.modalities: raise BratsError(f"modality {modality!r}: use one of {', '.join(case.modalities)}")
+    modality = pick_modality(case, modality)
     overlays = dict(overlays or {})
     for name, arr in [("prediction", prediction), *overlays.items()]:
         if arr is not None and np.shape(arr) != case.shape:
@@ -596,6 +629,7 @@ def volume_viewer(case, prediction=None, overlays=None, modality="flair", height
 def show_volume(case, prediction=None, modality="flair", alpha=0.45, figsize=(12, 4.2)):
     """Static figure: the axial, coronal and sagittal slices through the tumour centre with the labels (BraTS colours)
     and the prediction's WT outline (magenta); for where widgets do not render."""
+    modality = pick_modality(case, modality)
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -675,7 +709,8 @@ def load_extra(files: CaseFiles, suffix, shape=None):
 # %% ../nbs/00_data.ipynb #b445ed68
 class BratsDataset(torch.utils.data.Dataset):
     "Random training crops of BraTS cases: dicts with `image` (4, *crop), `label` (classes 0..3, *crop) and any `extra` maps."
-    def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1, fg_fraction=0.0):
+    def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1, fg_fraction=0.0,
+                 label_convention=None, n_classes=3):
         if isinstance(cases, (str, os.PathLike)): cases = find_cases(cases)
         self.cases = [Path(c) for c in cases]
         if not self.cases: raise BratsError("BratsDataset: no cases given")
@@ -683,6 +718,7 @@ class BratsDataset(torch.utils.data.Dataset):
         self.extra, self.cache, self.seed, self.samples_per_case = tuple(extra), cache, seed, samples_per_case
         self.transform = training_transforms(self.crop_size, augment, self.extra, fg_fraction)
         self.epoch, self._cache = 0, {}
+        self.label_convention, self.n_classes = label_convention, n_classes   # forced convention (None: each case's); classes of the run
 
     def __len__(self): return len(self.cases) * self.samples_per_case
     def set_epoch(self, epoch):
@@ -692,8 +728,11 @@ class BratsDataset(torch.utils.data.Dataset):
     def load(self, i):
         "The normalised arrays of case `i` before cropping (cached in memory when `cache=True`)."
         if i in self._cache: return self._cache[i]
-        case = load_case(self.cases[i])
+        case = load_case(self.cases[i], label_convention=self.label_convention)
         if case.label is None: raise BratsError(f"{self.cases[i]}: has no label file; it cannot be used for training")
+        if n_classes(case.label_convention) > self.n_classes:
+            raise BratsError(f"{self.cases[i]}: its labels ({case.label_convention}) have {n_classes(case.label_convention)} tissue classes, "
+                             f"the network of this run predicts {self.n_classes}; train with convention={case.label_convention!r} (--convention)")
         d = dict(image=normalize(case.image), label=labels_to_classes(case.label, case.label_convention)[None].astype(np.float32))
         for k in self.extra: d[k] = load_extra(case.files, k, case.shape)
         d = {k: np.ascontiguousarray(v) for k, v in d.items()}  # NIfTI data come in Fortran order; MONAI would copy them per crop

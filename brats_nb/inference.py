@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, pick_device
 from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
                            classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, windowed, take_slice, png_bytes,
-                           tumour_centre, et_label, ERROR_COLORS, CONVENTIONS)
+                           tumour_centre, et_label, n_classes, ERROR_COLORS, CONVENTIONS)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
 from .model import load_model
 
@@ -134,6 +134,9 @@ def predict_case(model, case, out_path=None, tta=False, sliding_window=False, po
     et_label(convention)
     probs = predict_volume(model, normalize(case.image), tta=tta, sliding_window=sliding_window, roi_size=roi_size,
                            overlap=overlap, sw_batch_size=sw_batch_size, device=device, amp=amp)
+    if probs.shape[0] - 1 > n_classes(convention):
+        raise BratsError(f"the network predicts {probs.shape[0] - 1} tissue classes; the {convention} labels of {case.name!r} have "
+                         f"{n_classes(convention)}: pass the convention it was trained in (convention=..., --convention)")
     classes = argmax_classes(probs, brain_mask(case.image) if mask_background else None)
     if postprocess: classes = postprocess_et(classes, et_threshold)
     if need_core: classes = drop_coreless(classes)
@@ -210,14 +213,14 @@ class EvalProtocol:
 
 # %% ../nbs/08_inference.ipynb #73761531
 @torch.no_grad()
-def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False, out_dir=None, verbose=False):
+def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False, out_dir=None, verbose=False, convention=None):
     """Predict each labelled case (folder or `Case`) by `protocol` and score it against its ground truth.
     Returns (rows, mean): a dict per case (`case`, `Dice_WT`, ... and `HD95_*` with `protocol.hd95`) and their means,
     with `Dice_mean` the mean over the three regions. Predictions are written to `out_dir/<case>.nii.gz` if given."""
     model.eval()
     rows = []
     for c in cases:
-        case = c if isinstance(c, Case) else load_case(c)
+        case = c if isinstance(c, Case) else load_case(c, label_convention=convention)
         if case.label is None: raise BratsError(f"{case.name}: has no label file; it cannot be evaluated")
         path = Path(out_dir) / f"{case.name}.nii.gz" if out_dir is not None else None
         label = predict_case(model, case, path, device=device, amp=amp, **protocol.predict_kwargs())

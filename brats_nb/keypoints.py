@@ -20,7 +20,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from .core import BratsError, atomic_path, bbox, pick_device
 from .data import (REGIONS, Case, read_nifti, detect_label_convention, find_cases, load_case, labels_to_regions, save_nifti,
-                           case_files, take_slice, windowed, png_bytes, AXES)
+                           case_files, take_slice, windowed, png_bytes, AXES, check_label_values, get_convention, CONVENTIONS)
 from .synth import samples_dir
 
 # %% auto #0
@@ -415,7 +415,7 @@ def _write_json_atomic(obj, path):
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=1))
 
 # %% ../nbs/05_keypoints.ipynb #1af2a6b8
-def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None) -> str:
+def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None, convention=None) -> str:
     "Write the key point map of one case unless it is up to date; returns 'written', 'skipped' or 'unlabelled'."
     files = case_files(case_dir)
     if files.seg is None: return "unlabelled"
@@ -424,7 +424,8 @@ def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0
     img, label = read_nifti(files.seg)
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
-    conv = "msd" if files.naming == "msd" else detect_label_convention(label.astype(np.uint8), files.naming, files.seg, files.name)
+    if convention: check_label_values(label.astype(np.uint8), convention, files.seg); conv = convention   # as the user says
+    else: conv = "msd" if files.naming == "msd" else detect_label_convention(label.astype(np.uint8), files.naming, files.seg, files.name)
     maps, info = select_keypoints(label.astype(np.uint8), n, t, radius, seed, conv, device)
     nii, side = keypoint_files(case_dir)
     save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)
@@ -442,14 +443,15 @@ def _worker(args):
 
 # %% ../nbs/05_keypoints.ipynb #04a593ba
 def preprocess(data_dir, workers=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None,
-               progress=True) -> dict:
+               progress=True, convention=None) -> dict:
     """Key point maps of every labelled case under `data_dir`, in `workers` processes (default: CPU count, at most 8).
     Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
     import multiprocessing as mp
     from tqdm.auto import tqdm
     dirs = find_cases(data_dir)
     _params(n, t, radius, seed)  # fail early on bad values
-    kw = dict(n=n, t=t, radius=radius, seed=seed, force=force, device=device)
+    if convention: get_convention(convention)
+    kw = dict(n=n, t=t, radius=radius, seed=seed, force=force, device=device, convention=convention)
     workers = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
     if workers < 1: raise BratsError(f"preprocess: workers must be at least 1, got {workers}")
     out = dict(written=[], skipped=[], unlabelled=[], failed={})
@@ -485,13 +487,15 @@ def add_cli(sub):
     p.add_argument("--force", action="store_true", help="recompute even up-to-date maps")
     p.add_argument("--device", default=None, help="torch device for the scoring (default: cuda when present, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--convention", default=None, choices=list(CONVENTIONS),
+                   help="label convention of the data where its values and names do not decide it (e.g. BraTS 2023 pediatric)")
     def run(a):
         n = a.n[0] if len(a.n) == 1 else tuple(a.n)
         r = a.radius[0] if len(a.radius) == 1 else tuple(a.radius)
         if a.t < 1 or any(v < 1 for v in _per_region(n, "--n")) or any(v < 0 for v in _per_region(r, "--radius")):
             raise BratsError(f"need --n >= 1, --t >= 1, --radius >= 0 (got n={a.n}, t={a.t}, radius={a.radius})")
         t0 = time.perf_counter()
-        s = preprocess(a.data_dir, a.workers, n, a.t, r, a.seed, a.force, a.device, progress=not a.no_progress)
+        s = preprocess(a.data_dir, a.workers, n, a.t, r, a.seed, a.force, a.device, progress=not a.no_progress, convention=a.convention)
         print(f"key points: {len(s['written'])} written, {len(s['skipped'])} up to date, "
               f"{len(s['unlabelled'])} without labels, {len(s['failed'])} failed ({time.perf_counter() - t0:.1f} s)")
         for k, v in s["failed"].items(): print(f"  {k}: {v}")

@@ -12,30 +12,38 @@ import torch.nn.functional as F
 from .core import BratsError
 
 # %% auto #0
-__all__ = ['region_probs', 'target_regions', 'generalized_dice_loss', 'bsc_loss', 'BratsLoss']
+__all__ = ['BRATS_CLASS_REGIONS', 'region_probs', 'target_regions', 'generalized_dice_loss', 'bsc_loss', 'BratsLoss']
 
 # %% ../nbs/06_losses.ipynb #968d8318
-def region_probs(probs: torch.Tensor) -> torch.Tensor:
-    "Region probabilities (B, 3, ...) WT, TC, ET from a four-class softmax (B, 4, ...): 1 - p0, p1 + p3, p3."
-    if probs.ndim < 3 or probs.shape[1] != 4:
-        raise BratsError(f"region_probs: expected softmax probabilities (B, 4, ...), got shape {tuple(probs.shape)}")
-    return torch.stack([1 - probs[:, 0], probs[:, 1] + probs[:, 3], probs[:, 3]], 1)
+BRATS_CLASS_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}   # softmax classes of each region (2017, 2023, Decathlon)
 
-def target_regions(target: torch.Tensor) -> torch.Tensor:
-    "Nested regions (B, 3, ...) as floats from class indices (B, ...) 0..3 (3 = ET)."
-    return torch.stack([target > 0, (target == 1) | (target == 3), target == 3], 1).float()
+def region_probs(probs: torch.Tensor, regions=None) -> torch.Tensor:
+    """Region probabilities (B, 3, ...) WT, TC, ET from a softmax (B, K+1, ...): the sum of each region's classes
+    (`regions`: region -> classes, from `data.class_regions`; default `BRATS_CLASS_REGIONS`: 1 - p0, p1 + p3, p3)."""
+    regions = regions or BRATS_CLASS_REGIONS
+    need = 1 + max(max(v) for v in regions.values())
+    if probs.ndim < 3 or probs.shape[1] < need:
+        raise BratsError(f"region_probs: expected softmax probabilities (B, {need} or more, ...), got shape {tuple(probs.shape)}")
+    every = tuple(range(1, probs.shape[1]))
+    return torch.stack([1 - probs[:, 0] if tuple(regions[r]) == every else probs[:, list(regions[r])].sum(1) for r in ("WT", "TC", "ET")], 1)
+
+def target_regions(target: torch.Tensor, regions=None) -> torch.Tensor:
+    "Nested regions (B, 3, ...) as floats from class indices (B, ...) (`regions` as `region_probs`; default 3 = ET)."
+    regions = regions or BRATS_CLASS_REGIONS
+    return torch.stack([torch.isin(target, torch.tensor(regions[r], device=target.device)) for r in ("WT", "TC", "ET")], 1).float()
 
 # %% ../nbs/06_losses.ipynb #fd9a9e09
 def _check(logits_or_probs, target, name):
-    if logits_or_probs.ndim < 3 or logits_or_probs.shape[1] != 4:
-        raise BratsError(f"{name}: expected (B, 4, *spatial) scores, got shape {tuple(logits_or_probs.shape)}")
+    if logits_or_probs.ndim < 3 or logits_or_probs.shape[1] < 2:
+        raise BratsError(f"{name}: expected (B, C, *spatial) scores with C >= 2 classes, got shape {tuple(logits_or_probs.shape)}")
     if target.ndim == logits_or_probs.ndim and target.shape[1] == 1: target = target[:, 0]
     if tuple(target.shape) != (logits_or_probs.shape[0], *logits_or_probs.shape[2:]):
         raise BratsError(f"{name}: target shape {tuple(target.shape)} does not match scores {tuple(logits_or_probs.shape)} "
                          f"(expected {(logits_or_probs.shape[0], *logits_or_probs.shape[2:])})")
     if target.dtype.is_floating_point: target = target.round().long()
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) > 3):
-        raise BratsError(f"{name}: target classes must be 0..3, got values {int(target.min())}..{int(target.max())}")
+    top = logits_or_probs.shape[1] - 1
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) > top):
+        raise BratsError(f"{name}: target classes must be 0..{top}, got values {int(target.min())}..{int(target.max())}")
     return target
 
 def _gdl_batch(p, g, eps):
@@ -50,7 +58,7 @@ def generalized_dice_loss(probs, target, include_background=False, smooth_nr=1e-
     `weights`: 'sample' (per sample, as MONAI) or 'batch' (one weight set per batch, absent class 1/eps, as DMFNet)."""
     if weights not in ("sample", "batch"): raise BratsError(f"generalized_dice_loss: weights {weights!r}: use 'sample' or 'batch'")
     target = _check(probs, target, "generalized_dice_loss")
-    g = F.one_hot(target, 4).movedim(-1, 1).to(probs.dtype)
+    g = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     if not include_background: probs, g = probs[:, 1:], g[:, 1:]
     if weights == "batch": return _gdl_batch(probs, g, smooth_dr)
     dims = tuple(range(2, probs.ndim))
@@ -84,13 +92,14 @@ def bsc_loss(rprobs, keypoints):
 class BratsLoss(nn.Module):
     """`GDL + ce_weight * CE + bsc_weight * BSC` on logits (B, 4, ...), classes (B, ...) and key point maps (B, 3, ...) or None.
     `gdl_weights`: 'batch' (DMFNet's, the default) or 'sample' (MONAI's); `ce_weight` > 0 adds cross-entropy (not in the paper)."""
-    def __init__(self, bsc_weight=0.1, inside_only=False, smooth=1e-5, gdl_weights="batch", ce_weight=0.0):
+    def __init__(self, bsc_weight=0.1, inside_only=False, smooth=1e-5, gdl_weights="batch", ce_weight=0.0, regions=None):
         super().__init__()
         if bsc_weight < 0: raise BratsError(f"BratsLoss: bsc_weight must be >= 0, got {bsc_weight}")
         if ce_weight < 0: raise BratsError(f"BratsLoss: ce_weight must be >= 0, got {ce_weight}")
         if gdl_weights not in ("batch", "sample"): raise BratsError(f"BratsLoss: gdl_weights {gdl_weights!r}: use 'batch' or 'sample'")
         self.bsc_weight, self.inside_only, self.smooth = float(bsc_weight), bool(inside_only), smooth
         self.gdl_weights, self.ce_weight = gdl_weights, float(ce_weight)
+        self.regions = dict(regions or BRATS_CLASS_REGIONS)   # softmax classes of WT, TC, ET (`data.class_regions`)
 
     def forward(self, logits, target, keypoints=None):
         "Returns (total, parts): total a scalar tensor, parts {'gdl', 'ce', 'bsc', 'total'} as floats (0.0 for a skipped term)."
@@ -106,8 +115,8 @@ class BratsLoss(nn.Module):
                 raise BratsError(f"BratsLoss: key point maps {tuple(keypoints.shape)} must be "
                                  f"{(logits.shape[0], 3, *logits.shape[2:])} (WT, TC, ET)")
             m = keypoints.to(probs.dtype)
-            if self.inside_only: m = m * target_regions(target)
-            bsc = bsc_loss(region_probs(probs), m)
+            if self.inside_only: m = m * target_regions(target, self.regions)
+            bsc = bsc_loss(region_probs(probs, self.regions), m)
             total = total + self.bsc_weight * bsc
         f = lambda t: float(t.detach()) if t is not None else 0.0
         return total, dict(gdl=f(gdl), ce=f(ce), bsc=f(bsc), total=f(total))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,10 @@ from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions
                            check_label_values, _KEY_RE)
 
 # %% auto #0
-__all__ = ['HD95_EMPTY', 'METRIC_COLUMNS', 'LESIONWISE_COLUMNS', 'as_mask', 'dice', 'surface', 'surface_distances', 'hd95',
-           'region_metrics', 'whole_brain_dice', 'lesion_scores_2025', 'flat_metrics', 'summarize', 'write_metrics_csv',
+__all__ = ['HD95_EMPTY', 'LESIONWISE_PENALTY', 'LESIONWISE_SETTINGS', 'CHALLENGES', 'METRIC_COLUMNS', 'LESIONWISE_COLUMNS',
+           'LESIONWISE_RULES', 'as_mask', 'dice', 'surface', 'surface_distances', 'hd95', 'scored_regions',
+           'region_metrics', 'whole_brain_dice', 'lesion_scores_2025', 'challenge_of', 'lesionwise_settings',
+           'surface_hd95', 'lesion_scores_2023', 'flat_metrics', 'metric_columns', 'summarize', 'write_metrics_csv',
            'ground_truth_files', 'load_ground_truth', 'prediction_path', 'load_prediction', 'lesionwise_rows',
            'write_lesionwise_csv', 'evaluate_folder', 'format_summary', 'add_cli']
 
@@ -79,18 +82,25 @@ def hd95(pred, gt, spacing=None, percentile=95, mode="max") -> float:
     return float(max(np.percentile(d_pg, percentile), np.percentile(d_gp, percentile)))
 
 # %% ../nbs/07_metrics.ipynb #0e7008df
-def region_metrics(pred_label, gt_label, spacing=None, convention=None, pred_convention=None, mode="max"):
-    """Dice and HD95 of each region: `{'WT': {'dice': .., 'hd95': ..}, 'TC': .., 'ET': ..}`. `convention`: the ground truth's
-    (required: a label map alone does not say it); the prediction's is `pred_convention`, by default the same."""
+def scored_regions(convention):
+    "The regions a whole-volume score reports for `convention`: WT, TC, ET where it has them (else its own, e.g. MEN-RT's GTV)."
+    c = get_convention(convention)
+    return REGIONS if all(r in c.regions for r in REGIONS) else tuple(c.regions)
+
+def region_metrics(pred_label, gt_label, spacing=None, convention=None, pred_convention=None, mode="max", regions=None):
+    """Dice and HD95 of each region: `{'WT': {'dice': .., 'hd95': ..}, 'TC': .., 'ET': ..}` (`regions`, default
+    `scored_regions(convention)`). `convention`: the ground truth's (required: a label map alone does not say it); the
+    prediction's is `pred_convention`, by default the same."""
     if convention is None:
         raise BratsError("region_metrics: pass the ground truth's label convention (e.g. case.label_convention); "
                          f"one of {', '.join(CONVENTIONS)}")
     pred_label, gt_label = np.asarray(pred_label), np.asarray(gt_label)
     if pred_label.shape != gt_label.shape:
         raise BratsError(f"prediction shape {pred_label.shape} differs from ground truth shape {gt_label.shape}")
-    pr = labels_to_regions(pred_label, pred_convention or convention)
-    gr = labels_to_regions(gt_label, convention)
-    return {r: {"dice": dice(pr[i], gr[i]), "hd95": hd95(pr[i], gr[i], spacing, mode=mode)} for i, r in enumerate(REGIONS)}
+    regions = tuple(regions or scored_regions(convention))
+    pr = labels_to_regions(pred_label, pred_convention or convention, regions)
+    gr = labels_to_regions(gt_label, convention, regions)
+    return {r: {"dice": dice(pr[i], gr[i]), "hd95": hd95(pr[i], gr[i], spacing, mode=mode)} for i, r in enumerate(regions)}
 
 # %% ../nbs/07_metrics.ipynb #4d0153e2
 def whole_brain_dice(case) -> float:
@@ -167,25 +177,132 @@ def lesion_scores_2025(pred_mask, gt_mask, spacing=(1.0, 1.0, 1.0), nsd_toleranc
     out["lesions"] = lesions
     return out
 
+# %% ../nbs/07_metrics.ipynb #4bd354f5
+LESIONWISE_PENALTY = 374.0   # the HD95 of a false positive or a missed lesion in the 2023-2024 scripts, in mm
+LESIONWISE_SETTINGS = {      # (year, sub-challenge): ground-truth dilation in voxels, lesion volume threshold in mm³ (per region where it differs)
+    ("2023", "GLI"): dict(dilation=3, min_volume=50), ("2023", "SSA"): dict(dilation=3, min_volume=50),
+    ("2023", "MEN"): dict(dilation=1, min_volume=50), ("2023", "PED"): dict(dilation=3, min_volume=50),
+    ("2023", "MET"): dict(dilation=1, min_volume=2),
+    ("2024", "GLI"): dict(dilation=3, min_volume=20, per_region={"ET": 10, "RC": 10}),
+    ("2024", "SSA"): dict(dilation=3, min_volume=50), ("2024", "MEN"): dict(dilation=1, min_volume=50),
+    ("2024", "MEN-RT"): dict(dilation=1, min_volume=50), ("2024", "PED"): dict(dilation=5, min_volume=10),
+    ("2024", "MET"): dict(dilation=1, min_volume=2),
+}
+CHALLENGES = ("GLI", "SSA", "MEN", "MEN-RT", "PED", "MET")
+
+def challenge_of(name, default="GLI"):
+    "The BraTS sub-challenge of a case from its name (`BraTS-MET-00001-000` -> 'MET'); `default` for other names (BraTS 2017-2021, Decathlon)."
+    m = re.match(r"BraTS-(MEN-RT|GLI|SSA|MEN|PED|MET|GoAT)-", str(name))
+    return {"GoAT": "GLI"}.get(m[1], m[1]) if m else default
+
+def lesionwise_settings(year, challenge, region):
+    "(dilation, min_volume in mm³) of the 2023-2024 lesion-wise rule for one region of one sub-challenge."
+    key = (str(year), challenge)
+    if key not in LESIONWISE_SETTINGS:
+        raise BratsError(f"no lesion-wise settings for BraTS {year} {challenge!r}; known: "
+                         + ", ".join(f"{y} {c}" for y, c in LESIONWISE_SETTINGS))
+    s = LESIONWISE_SETTINGS[key]
+    return s["dilation"], float(s.get("per_region", {}).get(region, s["min_volume"]))
+
+
+# %% ../nbs/07_metrics.ipynb #22141c56
+_CC18 = ndimage.generate_binary_structure(3, 2)               # the organisers' dilation element (18-neighbourhood)
+
+def surface_hd95(gt, pred, spacing=(1.0, 1.0, 1.0)):
+    """HD95 as the BraTS 2023-2024 scripts compute it: DeepMind's `surface-distance` (surface elements weighted by their
+    area, `compute_robust_hausdorff` at 95); 0 when both masks are empty, infinite when one is."""
+    import surface_distance                                     # DeepMind's package, as the organisers' scripts use it
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if not gt.any() and not pred.any(): return 0.0
+    if not gt.any() or not pred.any(): return float("inf")
+    box = bbox(gt | pred, 1); gt, pred = gt[box], pred[box]        # the same result on the crop, much faster
+    with warnings.catch_warnings():                              # it calls scipy.ndimage.filters.correlate (deprecated name)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return float(surface_distance.compute_robust_hausdorff(
+            surface_distance.compute_surface_distances(gt, pred, tuple(float(s) for s in spacing)), 95))
+
+def lesion_scores_2023(pred_mask, gt_mask, spacing=(1.0, 1.0, 1.0), dilation=3, min_volume=50.0, penalty=LESIONWISE_PENALTY):
+    """The BraTS 2023-2024 lesion-wise scores of one region: ground-truth lesions are the 26-connected components after
+    merging parts within `dilation` voxels; each is scored against every predicted component that touches it dilated;
+    lesions of at most `min_volume` mm³ are left out; each predicted component that touches no lesion is a false positive
+    scored Dice 0 and HD95 `penalty`. Returns `tp`, `fp`, `fn`, `f1`, `lesion_dsc`, `lesion_hd95`, whole-region `dsc` and
+    `hd95` (`penalty` where exactly one mask is empty, as their table), NaN for the NSD columns of the 2025 rule, and one
+    row per lesion in `lesions`."""
+    ref, pred = np.asarray(gt_mask).astype(bool), np.asarray(pred_mask).astype(bool)
+    if ref.shape != pred.shape: raise BratsError(f"lesion_scores_2023: prediction shape {pred.shape} differs from ground truth {ref.shape}")
+    if dilation < 0: raise BratsError(f"lesion_scores_2023: dilation must be >= 0 voxels, got {dilation}")
+    sp = tuple(float(s) for s in spacing); voxel = math.prod(sp)
+    n_ref, n_pred, inter = int(ref.sum()), int(pred.sum()), int((ref & pred).sum())
+    whole_hd = surface_hd95(ref, pred, sp)                      # their table reports an infinite HD95 as the penalty too
+    out = dict(dsc=1.0 if n_ref + n_pred == 0 else 2.0 * inter / (n_ref + n_pred), hd95=float(penalty) if math.isinf(whole_hd) else whole_hd,
+               nsd=float("nan"), lesion_nsd=float("nan"))
+    box = bbox(ref | pred, dilation + 2)
+    if box is not None: ref, pred = ref[box], pred[box]
+    grown = ndimage.binary_dilation(ref, _CC18, iterations=dilation) if dilation and ref.any() else ref
+    dcc, n_les = ndimage.label(grown, _CC26)                     # a lesion = one component of the dilated ground truth ...
+    les = np.where(ref, dcc, 0)                                  # ... restricted to the ground truth's own voxels
+    pcc, n_comp = ndimage.label(pred, _CC26)
+    psize = np.bincount(pcc.ravel(), minlength=n_comp + 1)
+    both = (dcc > 0) & (pcc > 0)                                 # predicted components touching each dilated lesion
+    code = np.unique(dcc[both].astype(np.int64) * (n_comp + 1) + pcc[both])
+    touching = {}
+    for L, q in zip(code // (n_comp + 1), code % (n_comp + 1)): touching.setdefault(int(L), []).append(int(q))
+    ov = (les > 0) & (pcc > 0)
+    ocode, ocount = np.unique(les[ov].astype(np.int64) * (n_comp + 1) + pcc[ov], return_counts=True)
+    overlap = dict(zip(ocode.tolist(), ocount.tolist()))
+    lsize = np.bincount(les.ravel(), minlength=n_les + 1)
+    lbox, pbox = ndimage.find_objects(les, n_les), ndimage.find_objects(pcc, n_comp)
+    lesions = []
+    for L in range(1, n_les + 1):
+        qs = touching.get(L, [])
+        row = dict(lesion=L, voxels=int(lsize[L]), volume=float(lsize[L]) * voxel, components=qs)
+        row["kept"] = row["volume"] > min_volume
+        it = sum(overlap.get(L * (n_comp + 1) + q, 0) for q in qs)
+        row["dsc"] = 2.0 * it / (int(lsize[L]) + int(psize[qs].sum()))
+        if not qs: row["hd95"] = float(penalty)
+        elif row["kept"]:
+            b = tuple(slice(min(s.start for s in ss), max(s.stop for s in ss)) for ss in zip(lbox[L - 1], *(pbox[q - 1] for q in qs)))
+            h = surface_hd95(les[b] == L, np.isin(pcc[b], qs), sp)
+            row["hd95"] = float(penalty) if math.isinf(h) else h
+        else: row["hd95"] = None                                 # left out: not computed
+        lesions.append(row)
+    used = {q for row in lesions for q in row["components"]}
+    fp = n_comp - len(used)
+    kept = [row for row in lesions if row["kept"]]
+    tp = sum(1 for row in kept if row["components"]); fn = len(kept) - tp
+    n = len(kept) + fp
+    out.update(tp=tp, fp=fp, fn=fn, f1=float("nan") if tp + fp + fn == 0 else tp / (tp + 0.5 * (fp + fn)),
+               lesion_dsc=sum(r["dsc"] for r in kept) / n if n else 1.0,
+               lesion_hd95=(sum(r["hd95"] for r in kept) + penalty * fp) / n if n else 0.0, lesions=lesions)
+    return out
+
+
 # %% ../nbs/07_metrics.ipynb #58f14c00
 METRIC_COLUMNS = tuple(f"Dice_{r}" for r in REGIONS) + tuple(f"HD95_{r}" for r in REGIONS)
 
 def flat_metrics(metrics):
-    return {**{f"Dice_{r}": metrics[r]["dice"] for r in REGIONS}, **{f"HD95_{r}": metrics[r]["hd95"] for r in REGIONS}}
+    return {**{f"Dice_{r}": m["dice"] for r, m in metrics.items()}, **{f"HD95_{r}": m["hd95"] for r, m in metrics.items()}}
+
+def metric_columns(rows):
+    "The metric columns of `rows` in order (Dice of each region, then HD95): `METRIC_COLUMNS` for BraTS regions."
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "case"))
+    return tuple(c for c in cols if c.startswith("Dice_")) + tuple(c for c in cols if not c.startswith("Dice_"))
 
 def summarize(rows):
-    "Mean, median and standard deviation (ddof=0) of each metric column over `rows`."
-    a = np.array([[r[c] for c in METRIC_COLUMNS] for r in rows], float)
-    return {name: dict(zip(METRIC_COLUMNS, map(float, fn(a, axis=0))))
-            for name, fn in (("mean", np.mean), ("median", np.median), ("std", np.std))}
+    "Mean, median and standard deviation (ddof=0) of each metric column over `rows` (skipping cases without that region)."
+    cols = metric_columns(rows)
+    a = np.array([[r.get(c, np.nan) for c in cols] for r in rows], float)
+    return {name: dict(zip(cols, map(float, fn(a, axis=0))))
+            for name, fn in (("mean", np.nanmean), ("median", np.nanmedian), ("std", np.nanstd))}
 
 def write_metrics_csv(rows, summary, path):
     "Per-case rows, then the summary rows, as CSV written atomically."
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case", *METRIC_COLUMNS])
-        for r in rows: w.writerow([r["case"], *(f"{r[c]:.6f}" for c in METRIC_COLUMNS)])
-        for name, s in summary.items(): w.writerow([name, *(f"{s[c]:.6f}" for c in METRIC_COLUMNS)])
+        cols = metric_columns(rows)
+        w.writerow(["case", *cols])
+        for r in rows: w.writerow([r["case"], *(f"{r.get(c, np.nan):.6f}" for c in cols)])
+        for name, s in summary.items(): w.writerow([name, *(f"{s[c]:.6f}" for c in cols)])
     return Path(path)
 
 # %% ../nbs/07_metrics.ipynb #221b063f
@@ -242,12 +359,25 @@ def load_prediction(path, case):
 
 LESIONWISE_COLUMNS = ("tp", "fp", "fn", "f1", "lesion_dsc", "lesion_nsd", "lesion_hd95", "dsc", "nsd", "hd95")
 
-def lesionwise_rows(pred, case, pred_convention=None):
-    "One row per region (WT, TC, ET) of `lesion_scores_2025` for a predicted label map and its case."
-    pr = labels_to_regions(pred, pred_convention or case.label_convention)
-    gr = labels_to_regions(case)
-    return [{"case": case.name, "region": r, **{k: v for k, v in lesion_scores_2025(pr[i], gr[i], case.spacing).items() if k != "lesions"}}
-            for i, r in enumerate(REGIONS)]
+LESIONWISE_RULES = ("2023", "2024", "2025")
+
+def lesionwise_rows(pred, case, pred_convention=None, rule="2025", challenge=None):
+    """One row per evaluated region of the case's convention (WT, TC, ET; also NETC, SNFH, RC for post-treatment, GTV for
+    MEN-RT) of the lesion-wise scores under `rule`: '2025' (`lesion_scores_2025`), '2023' or '2024' (`lesion_scores_2023`
+    with that year's settings for `challenge`, by default read from the case name)."""
+    if rule not in LESIONWISE_RULES: raise BratsError(f"lesion-wise rule {rule!r}: use one of {', '.join(LESIONWISE_RULES)}")
+    regions = tuple(get_convention(case.label_convention).regions)
+    pr = labels_to_regions(pred, pred_convention or case.label_convention, regions)
+    gr = labels_to_regions(case, regions=regions)
+    ch = challenge or challenge_of(case.name)
+    rows = []
+    for i, r in enumerate(regions):
+        if rule == "2025": s = lesion_scores_2025(pr[i], gr[i], case.spacing)
+        else:
+            d, v = lesionwise_settings(rule, ch, r)
+            s = lesion_scores_2023(pr[i], gr[i], case.spacing, dilation=d, min_volume=v)
+        rows.append({"case": case.name, "region": r, **{k: v for k, v in s.items() if k != "lesions"}})
+    return rows
 
 def write_lesionwise_csv(rows, path):
     "Per case and region the lesion-wise scores, then their mean per region over the cases (NaN-skipping), as CSV written atomically."
@@ -255,16 +385,21 @@ def write_lesionwise_csv(rows, path):
         w = csv.writer(f)
         w.writerow(["case", "region", *LESIONWISE_COLUMNS])
         for r in rows: w.writerow([r["case"], r["region"], *(f"{float(r[c]):.6f}" for c in LESIONWISE_COLUMNS)])
-        for region in REGIONS:
+        for region in dict.fromkeys(r["region"] for r in rows):
             sel = [r for r in rows if r["region"] == region]
-            if sel: w.writerow(["mean", region, *(f"{float(np.nanmean([float(r[c]) for r in sel])):.6f}" for c in LESIONWISE_COLUMNS)])
+            means = [np.nan if np.isnan(a := np.array([float(r[c]) for r in sel])).all() else np.nanmean(a) for c in LESIONWISE_COLUMNS]
+            w.writerow(["mean", region, *(f"{m:.6f}" for m in means)])
     return Path(path)
 
-def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False, lesionwise=None, convention=None):
+def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False, lesionwise=None, convention=None, challenge=None):
     """Score the predictions in `pred_dir` against the labelled cases of `data_dir` (a folder, or a list of case folders):
-    (rows, summary); CSV to `out_csv`. `lesionwise="2025"` also scores each region lesion by lesion (`lesion_scores_2025`),
-    into `<out_csv stem>_lesionwise.csv`. `convention`: the ground truth's label convention where detection cannot tell."""
-    if lesionwise not in (None, "2025"): raise BratsError(f"lesion-wise rule {lesionwise!r}: only '2025' is implemented (the 2023-2024 rule is not yet)")
+    (rows, summary); CSV to `out_csv`. `lesionwise` ('2023', '2024' or '2025') also scores each region lesion by lesion
+    under that year's rule, into `<out_csv stem>_lesionwise.csv` (`challenge`: the sub-challenge whose 2023-2024
+    settings apply; default: from each case's name). `convention`: the ground truth's label convention where detection
+    cannot tell."""
+    if lesionwise is not None and str(lesionwise) not in LESIONWISE_RULES:
+        raise BratsError(f"lesion-wise rule {lesionwise!r}: use one of {', '.join(LESIONWISE_RULES)}")
+    if challenge is not None and challenge not in CHALLENGES: raise BratsError(f"sub-challenge {challenge!r}: use one of {', '.join(CHALLENGES)}")
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir(): raise BratsError(f"{pred_dir}: no such prediction folder")
     flat = {} if isinstance(data_dir, (list, tuple)) else ground_truth_files(data_dir)
@@ -288,8 +423,8 @@ def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False,
         pred, conv = load_prediction(prediction_path(pred_dir, case.name), case)
         m = region_metrics(pred, case.label, case.spacing, case.label_convention, conv, mode=mode)
         rows.append({"case": case.name, **flat_metrics(m)})
-        if lesionwise: lw += lesionwise_rows(pred, case, conv)
-        if verbose: print(case.name, " ".join(f"{c}={rows[-1][c]:.3f}" for c in METRIC_COLUMNS))
+        if lesionwise: lw += lesionwise_rows(pred, case, conv, str(lesionwise), challenge)
+        if verbose: print(case.name, " ".join(f"{c}={v:.3f}" for c, v in rows[-1].items() if c != "case"))
     summary = summarize(rows)
     if out_csv is not None:
         write_metrics_csv(rows, summary, out_csv)
@@ -299,8 +434,9 @@ def evaluate_folder(pred_dir, data_dir, out_csv=None, mode="max", verbose=False,
 # %% ../nbs/07_metrics.ipynb #89b4092e
 def format_summary(summary):
     "The summary as a small text table (regions as columns)."
-    lines = [f"{'':8s}" + "".join(f"{c:>10s}" for c in METRIC_COLUMNS)]
-    for name, s in summary.items(): lines.append(f"{name:8s}" + "".join(f"{s[c]:10.3f}" for c in METRIC_COLUMNS))
+    cols = list(next(iter(summary.values())))
+    lines = [f"{'':8s}" + "".join(f"{c:>10s}" for c in cols)]
+    for name, s in summary.items(): lines.append(f"{name:8s}" + "".join(f"{s[c]:10.3f}" for c in cols))
     return "\n".join(lines)
 
 def add_cli(sub):
@@ -314,16 +450,18 @@ def add_cli(sub):
     p.add_argument("--out", default=None, help="CSV file to write (default: PRED_DIR/metrics.csv)")
     p.add_argument("--hd-mode", choices=("max", "union"), default="max",
                    help="pool the two directions of HD95 by the max of their percentiles (MONAI; default) or in one set (MedPy)")
-    p.add_argument("--lesionwise", choices=("2025",), default=None,
-                   help="also score each region lesion by lesion with the BraTS 2025 rule (TP/FP/FN, F1, lesion DSC/NSD/HD95) "
-                        "into <out>_lesionwise.csv")
+    p.add_argument("--lesionwise", choices=LESIONWISE_RULES, default=None,
+                   help="also score each region lesion by lesion with that year's BraTS rule (TP/FP/FN, F1, lesion DSC/HD95, and "
+                        "NSD for 2025) into <out>_lesionwise.csv")
+    p.add_argument("--challenge", choices=CHALLENGES, default=None,
+                   help="sub-challenge whose 2023-2024 lesion-wise settings apply (default: from each case name, e.g. BraTS-MET-...; GLI otherwise)")
     p.add_argument("--convention", default=None, choices=list(CONVENTIONS),
                    help="label convention of the ground truth where its values and names do not decide it (e.g. BraTS 2023 pediatric)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     def run(a):
         out = Path(a.out) if a.out else Path(a.pred_dir) / "metrics.csv"
         rows, summary = evaluate_folder(a.pred_dir, a.data_dir, out, mode=a.hd_mode, verbose=not a.quiet, lesionwise=a.lesionwise,
-                                        convention=a.convention)
+                                        convention=a.convention, challenge=a.challenge)
         print(f"{len(rows)} cases\n{format_summary(summary)}\nwrote {out}")
         if a.lesionwise: print(f"wrote {out.with_name(out.stem + '_lesionwise.csv')}")
     p.set_defaults(func=run)

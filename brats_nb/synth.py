@@ -19,9 +19,9 @@ from .data import MSD_CHANNELS
 from .core import BratsError
 
 # %% auto #0
-__all__ = ['TISSUES', 'CONTRAST', 'TISSUE_LABEL', 'MODALITY_FILES', 'MSD_LABELS', 'SAMPLES_DIR', 'N_SAMPLES', 'SAMPLE_SHAPE',
-           'N_HELDOUT', 'smooth_field', 'make_case', 'best_threshold_dice', 'write_case', 'make_samples', 'samples_dir',
-           'heldout_dir', 'add_cli']
+__all__ = ['TISSUES', 'CONTRAST', 'TISSUE_LABEL', 'MODALITY_FILES', 'LAYOUTS', 'MSD_LABELS', 'SAMPLES_DIR', 'N_SAMPLES',
+           'SAMPLE_SHAPE', 'N_HELDOUT', 'smooth_field', 'make_case', 'best_threshold_dice', 'layout_case', 'case_name',
+           'write_case', 'make_samples', 'samples_dir', 'heldout_dir', 'add_cli']
 
 # %% ../nbs/01_synth.ipynb #d696ee72
 def smooth_field(rng, shape, cells=6):
@@ -129,6 +129,37 @@ def best_threshold_dice(img, target, n=60):
 # %% ../nbs/01_synth.ipynb #23765939
 MODALITY_FILES = {"brats2017": dict(t1="t1", t1ce="t1ce", t2="t2", flair="flair", seg="seg", sep="_", et=4),
                   "brats2023": dict(t1="t1n", t1ce="t1c", t2="t2w", flair="t2f", seg="seg", sep="-", et=3)}
+LAYOUTS = ("brats2017", "brats2023", "brats2024-post", "brats2024-ped", "men-rt", "msd")   # what `write_case` can write
+
+def _inner_core(label):
+    "The inner part of the necrotic core (eroded by one voxel; the core itself where that leaves nothing)."
+    nec = label == 1
+    inner = ndimage.binary_erosion(nec)
+    return inner if inner.any() else nec
+
+def layout_case(arrays, layout):
+    """`arrays` (from `make_case`, 2017 labels) as a case of `layout`: 2024 post-treatment (1 NETC, 2 SNFH, 3 ET and a
+    resection cavity, 4, where the necrotic core was: fluid-dark in T1/T1c/FLAIR, bright in T2), 2024 pediatric (1 ET,
+    2 NETC, 3 a cyst in the core, 4 edema), MEN-RT (T1c and a GTV, the tumour core); others unchanged."""
+    if layout in ("brats2017", "brats2023", "msd"): return arrays
+    out, lab = dict(arrays), np.asarray(arrays["label"])
+    if layout == "men-rt":
+        return {"t1ce": arrays["t1ce"], "label": np.isin(lab, (1, 4)).astype(np.uint8)}
+    fluid = _inner_core(lab)
+    csf, nec = CONTRAST[TISSUES.index("csf")], CONTRAST[TISSUES.index("necrosis")]
+    for m, name in enumerate(("t1", "t1ce", "t2", "flair")):   # necrosis -> fluid: scale by the contrast ratio
+        out[name] = np.where(fluid, arrays[name] * (csf[m] / nec[m]), arrays[name]).astype(np.float32)
+    if layout == "brats2024-post":
+        new = np.select([lab == 1, lab == 2, lab == 4], [1, 2, 3], 0); new[fluid] = 4
+    elif layout == "brats2024-ped":
+        new = np.select([lab == 1, lab == 2, lab == 4], [2, 4, 1], 0); new[fluid] = 3
+    else: raise BratsError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    out["label"] = new.astype(np.uint8)
+    return out
+
+def case_name(layout, i):
+    "The name of sample `i` in `layout`: `Synth_<i>`, or the BraTS name that tells its sub-challenge (pediatric, MEN-RT)."
+    return {"brats2024-ped": f"BraTS-PED-{i:05d}-000", "men-rt": f"BraTS-MEN-RT-{i:04d}-1"}.get(layout, f"Synth_{i:03d}")
 
 MSD_LABELS = {1: 2, 2: 1, 4: 3}   # 2017 labels -> the Decathlon's: NCR/NET 1 -> 2, edema 2 -> 1, ET 4 -> 3
 
@@ -151,16 +182,21 @@ def write_case(arrays, root, name, naming="brats2017", seg=True, affine=None):
     layout (`naming="msd"`: root/imagesTr/name.nii.gz, 4D). Returns the case folder (the image file for msd)."""
     shape = arrays["t1"].shape
     if affine is None: affine = np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    if naming not in LAYOUTS: raise BratsError(f"unknown layout {naming!r}; use one of {', '.join(LAYOUTS)}")
     if naming == "msd": return _write_msd(arrays, root, name, seg, affine)
-    f = MODALITY_FILES[naming]
+    arrays = layout_case(arrays, naming)
+    if naming == "men-rt": f = dict(t1ce="t1c", seg="gtv", sep="_", et=None)
+    else: f = {**MODALITY_FILES["brats2023" if naming.startswith("brats2024") else naming], "et": None if naming.startswith("brats2024") else MODALITY_FILES[naming]["et"]}
     d = Path(root) / name; d.mkdir(parents=True, exist_ok=True)
     def save(a, key, dtype):
         img = nib.Nifti1Image(np.asarray(a).astype(dtype), affine)
         img.header.set_xyzt_units("mm", "sec"); img.set_qform(affine, 1); img.set_sform(affine, 1)
         nib.save(img, str(d / f"{name}{f['sep']}{f[key]}.nii.gz"))
-    for m in ("t1", "t1ce", "t2", "flair"): save(np.round(arrays[m]), m, np.int16)
+    for m in ("t1", "t1ce", "t2", "flair"):
+        if m in arrays: save(np.round(arrays[m]), m, np.int16)
     if seg:
-        lab = np.asarray(arrays["label"]).copy(); lab[lab == 4] = f["et"]
+        lab = np.asarray(arrays["label"]).copy()
+        if f["et"] is not None: lab[lab == 4] = f["et"]            # 2017 labels -> this naming's ET value
         save(lab, "seg", np.uint8)
     return d
 
@@ -176,7 +212,7 @@ def make_samples(out_dir=SAMPLES_DIR, n=N_SAMPLES, seed=0, shape=SAMPLE_SHAPE, n
     out = []
     for i in range(start, start + n):
         arrays = make_case(seed=np.random.SeedSequence([seed, i]), shape=shape)
-        out.append(write_case(arrays, out_dir, f"Synth_{i:03d}", naming=naming))
+        out.append(write_case(arrays, out_dir, case_name(naming, i), naming=naming))
     return out
 
 def samples_dir():
@@ -213,8 +249,9 @@ def add_cli(sub):
     p.add_argument("--n", type=int, default=N_SAMPLES, help="number of cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=list(SAMPLE_SHAPE), metavar=("X", "Y", "Z"))
-    p.add_argument("--naming", choices=[*MODALITY_FILES, "msd"], default="brats2017",
-                   help="file layout: BraTS 2017-2021, BraTS 2023+, or the Decathlon's Task01 (imagesTr/, labelsTr/, 4D images)")
+    p.add_argument("--naming", "--layout", choices=LAYOUTS, default="brats2017",
+                   help="file layout and labels: BraTS 2017-2021, BraTS 2023+, 2024 post-treatment (with a resection cavity), 2024 "
+                        "pediatric, 2024 MEN-RT (T1c and GTV only), or the Decathlon's Task01 (imagesTr/, labelsTr/, 4D images)")
     p.add_argument("--start", type=int, default=0, help="index of the first case (10: the held-out companions of the samples)")
     def run(a):
         if a.n < 1 or a.start < 0: raise BratsError(f"--n must be at least 1 and --start at least 0, got {a.n} and {a.start}")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_norm, pick_device
-from .data import BratsDataset, REGIONS, find_cases
+from .data import BratsDataset, REGIONS, find_cases, label_convention_of, n_classes, class_regions
 from .synth import heldout_dir, samples_dir
 from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
 from .keypoints import preprocess_case
@@ -76,14 +76,15 @@ class TrainConfig:
     seed: int = 0               # initialisation, crop order and augmentation
     split_seed: int = 0         # the train/validation split (kept apart from `seed`, so that seeds share one split)
     max_cases: int = 0          # use only the first N cases (0: all); for quick trials
+    convention: str = ""        # label convention of the data ('': read from the first case); sets the network's classes (RC, CC: one more)
 
     @property
     def model_variant(self): return arm_network(self.variant)
     @property
     def uses_bsc(self): return arm_uses_bsc(self.variant) and self.bsc_weight > 0
 
-    def model_kwargs(self):
-        return dict(variant=self.model_variant, in_channels=4, out_channels=4, channels=self.channels,
+    def model_kwargs(self, out_channels=4):
+        return dict(variant=self.model_variant, in_channels=4, out_channels=int(out_channels), channels=self.channels,
                     mid_channels=self.mid_channels, groups=self.groups, norm=self.norm, mie_norm=self.mie_norm,
                     mie_residual=self.mie_residual)
 
@@ -103,6 +104,7 @@ class TrainConfig:
         if self.val_data == "heldout" and self.data: raise BratsError("val_data 'heldout' is the held-out set of the bundled samples; "
                                                                       f"with data {self.data!r} give a folder or leave it empty")
         check_norm(self.norm); self.mie_norm == "same" or check_norm(self.mie_norm)
+        if self.convention: n_classes(self.convention)          # known, and trainable
         return self
 
     def val_protocol(self):
@@ -283,7 +285,7 @@ def prepare_keypoints(cfg, cases, d: Dist):
     if d.main:
         from tqdm.auto import tqdm  # tqdm picks its notebook or terminal form when it is imported
         for c in tqdm(cases, desc="key points", unit="case", leave=False, disable=len(cases) < 20):
-            preprocess_case(c)  # cached: skipped when up to date (`brats-nb preprocess` does it in parallel beforehand)
+            preprocess_case(c, convention=cfg.convention or None)  # cached: skipped when up to date (`brats-nb preprocess` does it in parallel beforehand)
     if d.on: dist.barrier()
 
 # %% ../nbs/09_trainer.ipynb #39de6ef3
@@ -294,6 +296,7 @@ class Run:
     ds: BratsDataset; sampler: EpochSampler; loader_kw: dict; model: torch.nn.Module; net: torch.nn.Module
     opt: torch.optim.Optimizer; sched: object; amp: object; scaler: object; amp_name: str; loss_fn: BratsLoss
     threads: ThreadGovernor | None = None; start: int = 0; best: float = -1.0
+    convention: str = "brats2017"; model_kwargs: dict | None = None   # the classes the network learns, and its configuration
 
 def setup_run(cfg: TrainConfig):
     "Device, process group, seeds, cases, key points, data, network, optimiser, schedule and loss of a run."
@@ -306,13 +309,17 @@ def setup_run(cfg: TrainConfig):
     torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
     if device.type == "cuda": torch.backends.cudnn.benchmark = True
     train_cases, val_cases = config_cases(cfg)
+    conv = label_convention_of(train_cases[0], cfg.convention or None)   # the network's classes follow the labels' convention
+    k = n_classes(conv)
     if cfg.uses_bsc: prepare_keypoints(cfg, train_cases, d)
     ds = BratsDataset(train_cases, cfg.crop_size, augment=True, extra=("keypoints",) if cfg.uses_bsc else (),
-                      cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction)
+                      cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction,
+                      label_convention=cfg.convention or None, n_classes=k)
     sampler = EpochSampler(len(ds), cfg.seed, d.rank, d.world)
     loader_kw = dict(batch_size=max(1, cfg.batch_size // d.world), sampler=sampler, num_workers=cfg.workers, drop_last=False,
                      pin_memory=device.type == "cuda", **(dict(prefetch_factor=2) if cfg.workers > 0 else {}))
-    model = build_model(**cfg.model_kwargs(), init=cfg.init).to(device)
+    mk = cfg.model_kwargs(out_channels=1 + k)
+    model = build_model(**mk, init=cfg.init).to(device)
     if use_channels_last(cfg.channels_last, device): model.channels_last()
     if d.on and device.type == "cuda": model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.on else model
@@ -320,9 +327,10 @@ def setup_run(cfg: TrainConfig):
                            fused=device.type in ("cpu", "cuda"))   # one kernel for all 500 tensors: 5x faster steps of the optimiser on a CPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg.epochs, cfg.poly_power))
     amp, scaler, amp_name = amp_setup(cfg, device)
-    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0, gdl_weights=cfg.gdl_weights, ce_weight=cfg.ce_weight)
+    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0, gdl_weights=cfg.gdl_weights, ce_weight=cfg.ce_weight,
+                        regions=class_regions(conv))
     return Run(cfg, d, device, Path(cfg.out), train_cases, val_cases, ds, sampler, loader_kw, model, net, opt, sched,
-               amp, scaler, amp_name, loss_fn, threads)
+               amp, scaler, amp_name, loss_fn, threads, convention=conv, model_kwargs=mk)
 
 # %% ../nbs/09_trainer.ipynb #651b07f3
 def restore_run(run: Run, resume=False, quiet=False):
@@ -330,9 +338,9 @@ def restore_run(run: Run, resume=False, quiet=False):
     cfg, out = run.cfg, run.out
     if resume and (out / "latest.pt").exists():
         ck = read_checkpoint(out / "latest.pt")
-        if {"mie_residual": False, "mie_norm": "same", **ck["config"]["model"]} != cfg.model_kwargs() or ck["config"]["variant"] != cfg.variant:
+        if {"mie_residual": False, "mie_norm": "same", **ck["config"]["model"]} != run.model_kwargs or ck["config"]["variant"] != cfg.variant:
             raise BratsError(f"{out / 'latest.pt'}: a {ck['config']['variant']!r} run with network {ck['config']['model']}; "
-                             f"cannot resume it as {cfg.variant!r} with {cfg.model_kwargs()}")
+                             f"cannot resume it as {cfg.variant!r} with {run.model_kwargs}")
         run.model.load_state_dict(ck["model"]); run.opt.load_state_dict(ck["optimizer"]); run.sched.load_state_dict(ck["scheduler"])
         if run.scaler is not None and ck.get("scaler"): run.scaler.load_state_dict(ck["scaler"])
         run.start, run.best = int(ck["epoch"]) + 1, float(ck["best"])
@@ -377,13 +385,13 @@ def finish_epoch(run: Run, epoch, row, tb=None, callbacks=()):
     "Rank 0 after an epoch: validation when due, `latest.pt` (and `best.pt` when validation improved), the log, callbacks."
     cfg, out = run.cfg, run.out
     if run.val_cases and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-        _, v = evaluate_cases(run.model, run.val_cases, cfg.val_protocol(), run.device, amp=run.amp is not None)
+        _, v = evaluate_cases(run.model, run.val_cases, cfg.val_protocol(), run.device, amp=run.amp is not None, convention=cfg.convention or None)
         row.update({f"val_{k}": v[f"Dice_{k}"] for k in REGIONS}, val_mean=v["Dice_mean"])
     improved = row.get("val_mean", -1.0) > run.best
     if improved: run.best = row["val_mean"]
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
                  scaler=run.scaler.state_dict() if run.scaler is not None else {}, epoch=epoch, best=run.best,
-                 rng=_rng_state(), config={"train": cfg.to_dict(), "model": cfg.model_kwargs(), "variant": cfg.variant})
+                 rng=_rng_state(), config={"train": cfg.to_dict(), "model": run.model_kwargs, "variant": cfg.variant, "convention": run.convention})
     save_checkpoint(out / "latest.pt", **state)
     if improved: save_checkpoint(out / "best.pt", **state)
     _log_row(out / "metrics.csv", row)

@@ -146,6 +146,35 @@ def test_evaluate_lesionwise_on_the_command_line(tmp_path):
     r = run("evaluate", str(pred), str(flat), "--out", str(tmp_path / "flat.csv"), "-q")
     assert r.returncode == 0, r.stderr[-2000:]
     assert list(csv.DictReader(open(tmp_path / "flat.csv")))[-3]["Dice_TC"] == "1.000000"
+    # the 2023 rule on the flat folder, with a far false-positive ET blob in one prediction
+    lab = nib.load(str(pred / "Synth_000.nii.gz")); arr = np.asanyarray(lab.dataobj).copy(); arr[2:6, 2:6, 2:6] = 4
+    nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), str(pred / "Synth_000.nii.gz"))
+    r = run("evaluate", str(pred), str(flat), "--out", str(tmp_path / "lw23.csv"), "--lesionwise", "2023", "--challenge", "MET", "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    by = {(x["case"], x["region"]): x for x in csv.DictReader(open(tmp_path / "lw23_lesionwise.csv"))}
+    et = by[("Synth_000", "ET")]
+    assert (float(et["tp"]), float(et["fp"]), float(et["fn"])) == (1.0, 1.0, 0.0) and float(et["lesion_hd95"]) == pytest.approx(187.0)
+    assert float(by[("Synth_001", "ET")]["lesion_dsc"]) == 1.0 and et["nsd"] == "nan"
+    r = run("evaluate", str(pred), str(flat), "--lesionwise", "2023", "--challenge", "XYZ")
+    assert r.returncode == 2 and "invalid choice: 'XYZ'" in r.stderr
+
+
+def test_newer_layouts_are_evaluated_in_their_regions(tmp_path):
+    "Post-treatment samples are scored on WT/TC/ET and on NETC, SNFH, RC alone; MEN-RT ones on their GTV; both lesion-wise."
+    for layout, regions in (("brats2024-post", ["WT", "TC", "ET", "NETC", "SNFH", "RC"]), ("men-rt", ["GTV"])):
+        data = tmp_path / layout; pred = tmp_path / f"{layout}_pred"; pred.mkdir()
+        r = run("make-samples", str(data), "--n", "1", "--shape", "40", "40", "40", "--layout", layout)
+        assert r.returncode == 0, r.stderr[-2000:]
+        case = next(data.iterdir())
+        seg = next(p for p in case.iterdir() if p.name.endswith(("-seg.nii.gz", "_gtv.nii.gz")))
+        (pred / f"{case.name}.nii.gz").write_bytes(seg.read_bytes())
+        r = run("evaluate", str(pred), str(data), "--lesionwise", "2024", "-q")
+        assert r.returncode == 0, r.stderr[-2000:]
+        dice_cols = [k for k in next(csv.DictReader(open(pred / "metrics.csv"))) if k.startswith("Dice_")]
+        assert dice_cols == [f"Dice_{x}" for x in (regions if layout == "men-rt" else ["WT", "TC", "ET"])]
+        rows = list(csv.DictReader(open(pred / "metrics_lesionwise.csv")))
+        assert [x["region"] for x in rows if x["case"] == case.name] == regions
+        assert all(float(x["lesion_dsc"]) == 1.0 for x in rows)
 
 
 def test_decathlon_layout_end_to_end(tmp_path):

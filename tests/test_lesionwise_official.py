@@ -8,7 +8,6 @@ spacing (its NIfTI-path input applies the spacing to the wrong axes for anisotro
 z, y, x while the spacing stays x, y, z)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from scipy import ndimage
 
 from brats_nb.data import find_cases, labels_to_regions, load_case
 from brats_nb.metrics import lesion_scores_2025
+from official import compare, throwaway_venv
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real" / "brats21"
 PINS = ["panoptica==2.1.7", "BraTS-evaluation==0.0.10", "numpy<2.3"]
@@ -39,14 +39,7 @@ json.dump(out, open(sys.argv[2], "w"))
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     if not REAL.is_dir(): pytest.skip(f"{REAL}: the real BraTS cases are not here")
-    root = tmp_path_factory.mktemp("official")
-    venv = root / "venv"
-    r = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
-    if r.returncode: pytest.skip(f"cannot make a virtual environment: {r.stderr[-300:]}")
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PINS], capture_output=True, text=True, timeout=900)
-    if r.returncode: pytest.skip(f"cannot install {PINS} (no package registry?): {r.stderr[-500:]}")
-    (root / "runner.py").write_text(RUNNER)
-    return venv / "bin" / "python", root
+    return throwaway_venv(tmp_path_factory.mktemp("official"), PINS, RUNNER)
 
 
 def ball(shape, centre, r):
@@ -75,13 +68,6 @@ def perturbed(gt):
     return out
 
 
-def close(a, b, tol):
-    if a is None or b is None: return a is None and b is None
-    if np.isnan(a) or np.isnan(b): return bool(np.isnan(a) and np.isnan(b))
-    if np.isinf(a) or np.isinf(b): return a == b
-    return abs(a - b) <= tol
-
-
 def test_lesion_scores_2025_equal_the_official_evaluation(official, tmp_path):
     python, root = official
     jobs, ours = [], []
@@ -104,13 +90,7 @@ def test_lesion_scores_2025_equal_the_official_evaluation(official, tmp_path):
     pairs = [("tp", "tp", 0), ("fp", "fp", 0), ("fn", "fn", 0), ("sq_dsc", "lesion_dsc", 1e-6), ("sq_nsd", "lesion_nsd", 1e-6),
              ("sq_hd95", "lesion_hd95", 1e-3), ("global_bin_dsc", "dsc", 1e-6), ("global_bin_nsd", "nsd", 1e-6),
              ("global_bin_hd95", "hd95", 1e-3)]
-    worst, bad = {}, []
-    for job, t, o in zip(jobs, theirs, ours):
-        for region in ("wt", "tc", "et"):
-            for tk, ok, tol in pairs:
-                a, b = t[region][tk], o[region][ok]
-                if a is not None and b is not None and np.isfinite(a) and np.isfinite(b):
-                    worst[ok] = max(worst.get(ok, 0.0), abs(a - b))
-                if not close(a, b, tol): bad.append(f"{job['id']} {region} {ok}: official {a}, ours {b}")
+    worst, bad = compare([(f"{job['id']} {region}", t[region], o[region]) for job, t, o in zip(jobs, theirs, ours)
+                          for region in ("wt", "tc", "et")], pairs)
     print(f"{len(jobs)} prediction/ground-truth pairs x 3 regions; largest differences: {worst}")
     assert not bad, "\n".join(bad[:20])

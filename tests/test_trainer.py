@@ -163,3 +163,39 @@ def test_heldout_cases_of_the_samples():
     assert [c.name for c in val] == [f"Synth_{i:03d}" for i in range(10, 18)]
     train, val = config_cases(preset("cpu"))                                   # empty val_data: the seeded split
     assert len(train) == 8 and len(val) == 2 and not set(train) & set(val)
+
+
+@pytest.mark.parametrize("layout,classes", [("brats2024-post", 4), ("brats2024-ped", 4)])
+def test_training_classes_follow_the_convention(tmp_path, layout, classes):
+    """2024 post-treatment data (a resection cavity, label 4) and pediatric data (a cyst, label 3) train a network with a
+    class of its own for that tissue; BSC key points and validation use the convention's regions; predictions come back
+    in the convention's numbers; the network refuses a case whose convention has fewer classes than it predicts."""
+    import numpy as np
+    from brats_nb.data import load_case, labels_to_regions
+    from brats_nb.inference import predict_case
+    data = tmp_path / layout
+    r = brats_nb("make-samples", str(data), "--n", "4", "--shape", "48", "48", "48", "--layout", layout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "run"
+    r = brats_nb("train", "--preset", "cpu", "--variant", "bsc", "--workers", "0", "--crop-size", "32", "--epochs", "1",
+                 "--data", str(data), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = read_checkpoint(out / "latest.pt")
+    assert ck["config"]["convention"] == layout and ck["config"]["model"]["out_channels"] == 1 + classes
+    model, _ = load_model(out / "latest.pt")
+    case = load_case(find_cases(data)[0])
+    label = predict_case(model, case, postprocess=False)
+    assert set(np.unique(label).tolist()) <= {0, 1, 2, 3, 4}
+    assert labels_to_regions(label, layout).shape == (3, *case.shape)
+    with pytest.raises(BratsError, match="the network predicts 4 tissue classes; the brats2017 labels"):
+        predict_case(model, load_case(find_cases(SAMPLES_DIR)[0]))
+    # a run given the convention by name reads the labels in it (here the same as detected)
+    r = brats_nb("train", "--preset", "cpu", "--variant", "dmfnet", "--workers", "0", "--crop-size", "32", "--epochs", "1",
+                 "--data", str(data), "--out", str(tmp_path / "named"), "--convention", layout, "--val-every", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # a three-class (2017) network on these cases: it cannot train on their labels ...
+    r = brats_nb("train", "--preset", "cpu", "--variant", "dmfnet", "--workers", "0", "--crop-size", "32", "--epochs", "1",
+                 "--data", str(data), "--out", str(tmp_path / "wrong"), "--convention", "brats2017")
+    assert r.returncode != 0 and "unknown label values" in r.stderr
+    r = brats_nb("train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "men"), "--convention", "men-rt")
+    assert r.returncode == 2 and "cannot be trained" in r.stderr
