@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -15,20 +16,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .core import BratsError, atomic_path, bbox
 
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
-           'TISSUE_COLORS', 'ERROR_COLORS', 'naming_modalities', 'LabelConvention', 'get_convention', 'CaseFiles',
-           'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case',
-           'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
+           'TISSUE_COLORS', 'ERROR_COLORS', 'AUG_MAX_ANGLE', 'naming_modalities', 'LabelConvention', 'get_convention',
+           'CaseFiles', 'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values',
+           'Case', 'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
            'label_convention_of', 'labels_to_classes', 'classes_to_labels', 'brain_mask', 'normalize', 'windowed',
            'take_slice', 'label_colours', 'overlay_rgb', 'pick_modality', 'tumour_centre', 'show_case', 'png_bytes',
            'slice_controls', 'slice_viewer', 'nifti_bytes', 'wt_disagreement', 'label_lut', 'volume_viewer',
-           'show_volume', 'RandTumourCropd', 'training_transforms', 'load_extra', 'BratsDataset', 'save_nifti',
-           'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
-           'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
+           'show_volume', 'RandTumourCropd', 'training_transforms', 'augment_params', 'augment_theta', 'augment_batch',
+           'load_extra', 'BratsDataset', 'save_nifti', 'resample_factors', 'downsample_arrays', 'brain_box',
+           'downsampled_affine', 'whole_blocks', 'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -694,6 +696,56 @@ def training_transforms(crop_size, augment=True, extra_keys=(), fg_fraction=0.0)
                T.RandScaleIntensityd("image", factors=0.1, prob=1.0, channel_wise=True),
                T.RandShiftIntensityd("image", offsets=0.1, prob=1.0, channel_wise=True)]
     return T.Compose(ts)
+
+# %% ../nbs/00_data.ipynb #f4122fe3
+AUG_MAX_ANGLE = float(np.deg2rad(10))   # the paper's rotation range, per axis
+
+def augment_params(n, channels=4, generator=None, max_angle=AUG_MAX_ANGLE, scale=0.1, shift=0.1):
+    """Random parameters of the training augmentation for `n` samples, drawn on the CPU from `generator`: `angles` (n, 3)
+    about array axes 0, 1, 2 in U(-max_angle, max_angle), `flips` (n, 3) each with probability 1/2, and per channel a
+    `scale` factor 1 + U(-scale, scale) and a `shift` U(-shift, shift) (as `training_transforms`' MONAI chain)."""
+    u = lambda *s: torch.rand(*s, generator=generator, dtype=torch.float64)
+    return dict(angles=(2 * u(n, 3) - 1) * max_angle, flips=u(n, 3) < 0.5,
+                scale=1 + (2 * u(n, channels) - 1) * scale, shift=(2 * u(n, channels) - 1) * shift)
+
+def _rotation(axis, a):
+    "Rotation by angle `a` about array axis `axis`, acting on array-axis coordinates (float64, 3x3)."
+    c, s = math.cos(a), math.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = torch.eye(3, dtype=torch.float64)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+def augment_theta(params, shape):
+    """The `affine_grid` matrices (n, 3, 4) that rotate each sample about the crop's centre (x, then y, then z, in voxel
+    space: a cube stays a cube whatever the crop's shape) and then flip it: output(v) = input(Rᵀ F v)."""
+    size = torch.tensor(shape, dtype=torch.float64) / 2          # normalised -> centred voxel coordinates (align_corners=False)
+    out = []
+    for a, f in zip(params["angles"].tolist(), params["flips"]):
+        r = _rotation(0, a[0]) @ _rotation(1, a[1]) @ _rotation(2, a[2])
+        m = torch.diag(1 / size) @ r.T @ torch.diag(torch.where(f, -1.0, 1.0).double()) @ torch.diag(size)
+        m = m.flip(0).flip(1)                                      # array axes (0, 1, 2) -> grid order (x=2, y=1, z=0)
+        out.append(torch.cat([m, torch.zeros(3, 1, dtype=torch.float64)], 1))
+    return torch.stack(out)
+
+def augment_batch(batch, generator=None, params=None):
+    """The training augmentation applied to a whole batch on its own device (a GPU, or the CPU): one affine grid per
+    sample for rotation and flips (bilinear for `image`, nearest for `label` and `keypoints`, zeros outside), then the
+    per-channel intensity scale and shift. `batch`: dict with `image` (B, C, X, Y, Z), `label` (B, X, Y, Z) and optional
+    `keypoints` (B, 3, X, Y, Z); returns a new dict (other keys kept)."""
+    x = batch["image"]
+    n, c, shape = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    p = params or augment_params(n, c, generator)
+    grid = F.affine_grid(augment_theta(p, shape).to(x.device, torch.float32), (n, c, *shape), align_corners=False)
+    out = dict(batch)
+    img = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out["image"] = img * p["scale"].to(x.device, torch.float32)[:, :, None, None, None] + p["shift"].to(x.device, torch.float32)[:, :, None, None, None]
+    lab = F.grid_sample(batch["label"][:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    out["label"] = lab[:, 0].round().long()
+    if "keypoints" in batch:
+        out["keypoints"] = F.grid_sample(batch["keypoints"].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out
+
 
 # %% ../nbs/00_data.ipynb #c9ea0303
 def load_extra(files: CaseFiles, suffix, shape=None):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -20,15 +22,17 @@ from scipy.spatial import ConvexHull, QhullError
 
 from .core import BratsError, atomic_path, bbox, pick_device
 from .data import (REGIONS, Case, read_nifti, detect_label_convention, find_cases, load_case, labels_to_regions, save_nifti,
-                           case_files, take_slice, windowed, png_bytes, AXES, check_label_values, get_convention, CONVENTIONS)
+                           case_files, take_slice, windowed, png_bytes, AXES, check_label_values, get_convention, CONVENTIONS,
+                           brain_box, normalize, labels_to_classes, augment_batch, n_classes as _n_classes)
 from .synth import samples_dir
 
 # %% auto #0
-__all__ = ['ALGORITHM_VERSION', 'DEFAULTS', 'KP_COLORS', 'boundary_voxels', 'hull_triangles', 'column_intervals', 'fill_hull',
-           'fill_hull_bruteforce', 'score_candidates', 'ball_offsets', 'draw_balls', 'select_region_keypoints',
-           'select_keypoints', 'keypoint_overlay', 'show_keypoints', 'select_region_reference', 'bench_keypoints',
-           'keypoint_files', 'keypoints_up_to_date', 'preprocess_case', 'preprocess', 'add_cli', 'add_bench_cli',
-           'keypoint_viewer']
+__all__ = ['ALGORITHM_VERSION', 'DEFAULTS', 'KP_COLORS', 'CACHE_VERSION', 'boundary_voxels', 'hull_triangles', 'column_intervals',
+           'fill_hull', 'fill_hull_bruteforce', 'score_candidates', 'ball_offsets', 'draw_balls',
+           'select_region_keypoints', 'select_keypoints', 'keypoint_overlay', 'show_keypoints',
+           'select_region_reference', 'bench_keypoints', 'keypoint_files', 'keypoints_up_to_date', 'preprocess_case',
+           'preprocess', 'cache_root', 'default_cache_dir', 'cache_settings', 'cache_key', 'find_cache_entry',
+           'cache_case', 'read_cache_entry', 'CachedDataset', 'add_cli', 'add_bench_cli', 'keypoint_viewer']
 
 # %% ../nbs/05_keypoints.ipynb #ac638dca
 def boundary_voxels(region) -> np.ndarray:
@@ -438,20 +442,24 @@ def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0
 def _worker(args):
     torch.set_num_threads(1)
     d, kw = args
-    try: return str(d), preprocess_case(d, **kw), None
+    try:
+        if kw.get("cache_dir") is not None: return str(d), cache_case(d, **kw)[0], None   # the training cache
+        return str(d), preprocess_case(d, **{k: v for k, v in kw.items() if k != "cache_dir"}), None   # beside the case
     except Exception as e: return str(d), "failed", f"{type(e).__name__}: {e}"
 
 # %% ../nbs/05_keypoints.ipynb #04a593ba
 def preprocess(data_dir, workers=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None,
-               progress=True, convention=None) -> dict:
+               progress=True, convention=None, cache_dir=None) -> dict:
     """Key point maps of every labelled case under `data_dir`, in `workers` processes (default: CPU count, at most 8).
+    With `cache_dir`, the training cache entries (`cache_case`) go there and nothing is written beside the cases.
     Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
     import multiprocessing as mp
     from tqdm.auto import tqdm
     dirs = find_cases(data_dir)
     _params(n, t, radius, seed)  # fail early on bad values
     if convention: get_convention(convention)
-    kw = dict(n=n, t=t, radius=radius, seed=seed, force=force, device=device, convention=convention)
+    kw = dict(n=n, t=t, radius=radius, seed=seed, force=force, device=device, convention=convention,
+              cache_dir=None if cache_dir is None else Path(cache_dir))
     workers = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
     if workers < 1: raise BratsError(f"preprocess: workers must be at least 1, got {workers}")
     out = dict(written=[], skipped=[], unlabelled=[], failed={})
@@ -472,12 +480,162 @@ def preprocess(data_dir, workers=None, n=(300, 200, 100), t=100, radius=(2, 1, 1
     for k in ("written", "skipped", "unlabelled"): out[k].sort()
     return out
 
+# %% ../nbs/05_keypoints.ipynb #4a560069
+CACHE_VERSION = 1
+
+def cache_root():
+    "brats_nb's cache folder: $BRATS_NB_CACHE, else ~/.cache/brats_nb (never inside a data folder)."
+    return Path(os.environ.get("BRATS_NB_CACHE") or Path.home() / ".cache" / "brats_nb")
+
+def default_cache_dir():
+    "Where `brats-nb preprocess` and training put the training cache unless told otherwise."
+    return cache_root() / "train"
+
+def cache_settings(n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention=None, margin=4, dtype="float16"):
+    "Everything a cache entry depends on besides the case's files (part of its key)."
+    if dtype not in ("float16", "float32"): raise BratsError(f"cache dtype {dtype!r}: use float16 or float32")
+    return dict(keypoints=_params(n, t, radius, seed), convention=convention or "", margin=int(margin), dtype=dtype,
+                normalize="percentile 0.2-99.8, z-score in the brain", cache_version=CACHE_VERSION)
+
+def _sources(files):
+    "The files of a case with their size and modification time (to find its entry again without hashing)."
+    paths = [*files.paths.values(), files.seg]
+    return [dict(path=str(Path(p).resolve()), size=Path(p).stat().st_size, mtime_ns=Path(p).stat().st_mtime_ns)
+            for p in dict.fromkeys(paths) if p is not None]
+
+def cache_key(files, settings):
+    "The content hash of a case's files (images and label) and the settings: its cache entry's name."
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for p in dict.fromkeys([*files.paths.values(), files.seg]):
+        if p is not None: h.update(_sha256(p).encode())
+    return h.hexdigest()[:20]
+
+def find_cache_entry(case_dir, cache_dir=None, settings=None):
+    """The cache entry of a case for `settings`, or None: found by the files' sizes and times when they are unchanged
+    (no hashing), else by the content hash."""
+    cache_dir, settings = Path(cache_dir or default_cache_dir()), settings or cache_settings()
+    files = case_files(case_dir)
+    src = _sources(files)
+    for d in sorted(cache_dir.glob(f"{files.name}-*")):
+        try: meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError): continue
+        if meta.get("settings") == settings and meta.get("sources") == src: return d
+    d = cache_dir / f"{files.name}-{cache_key(files, settings)}"
+    return d if (d / "meta.json").is_file() else None
+
+
+# %% ../nbs/05_keypoints.ipynb #805dde03
+def cache_case(case_dir, cache_dir=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention=None, margin=4,
+               dtype="float16", force=False, device=None):
+    """Write the training cache entry of one labelled case: the normalised image cut to the brain's bounding box
+    (`dtype`), its label and its key point maps, as `.npy` files (memory-mappable) with `meta.json`, in
+    `cache_dir/<case>-<content hash>/`, atomically. Nothing is written beside the case. Returns (status, entry folder):
+    'written', 'skipped' (up to date) or 'unlabelled'."""
+    cache_dir, settings = Path(cache_dir or default_cache_dir()), cache_settings(n, t, radius, seed, convention, margin, dtype)
+    files = case_files(case_dir)
+    if files.seg is None: return "unlabelled", None
+    if not force and (d := find_cache_entry(case_dir, cache_dir, settings)) is not None: return "skipped", d
+    src = _sources(files)                                        # read before the files, so that a change meanwhile is redone
+    key = cache_key(files, settings)
+    case = load_case(case_dir, label_convention=convention)
+    box = brain_box(case.image, margin)
+    image = normalize(case.image)[(slice(None), *box)].astype(dtype)
+    maps, info = select_keypoints(case, n, t, radius, seed, device=device)
+    final = cache_dir / f"{files.name}-{key}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{files.name}-", dir=cache_dir))
+    try:
+        np.save(tmp / "image.npy", np.ascontiguousarray(image))
+        np.save(tmp / "label.npy", np.ascontiguousarray(case.label[box]))
+        np.save(tmp / "keypoints.npy", np.ascontiguousarray(maps[(slice(None), *box)]))
+        meta = dict(name=files.name, source=str(Path(case_dir).resolve()), sources=src, settings=settings, key=key,
+                    label_convention=case.label_convention, box=[[s.start, s.stop] for s in box], shape=list(case.shape),
+                    spacing=list(case.spacing), affine=case.affine.tolist(), iou={r: info[r]["iou"] for r in REGIONS})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists(): shutil.rmtree(final)                  # force, or a stale half (cannot happen: we rename whole folders)
+        os.rename(tmp, final)                                    # the entry appears whole, or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return "written", final
+
+def read_cache_entry(entry):
+    "A cache entry as memory maps: dict(meta, image (C, X, Y, Z), label (X, Y, Z), keypoints (3, X, Y, Z))."
+    entry = Path(entry)
+    try: meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError) as e: raise BratsError(f"{entry}: not a brats_nb cache entry ({type(e).__name__}: {e})") from None
+    return dict(meta=meta, **{k: np.load(entry / f"{k}.npy", mmap_mode="r") for k in ("image", "label", "keypoints")})
+
+
+# %% ../nbs/05_keypoints.ipynb #730e9d0e
+class CachedDataset(torch.utils.data.Dataset):
+    """Random training crops read from training cache entries through memory maps: the CPU's work per crop is a slice of
+    each array. Dicts with `image` (C, *crop) float32, `label` (classes, *crop), `keypoints` (3, *crop), `case`. With
+    `augment`, the training augmentation (`augment_batch`) runs here on the CPU; without, on the training device."""
+    def __init__(self, entries, crop_size=128, seed=0, samples_per_case=1, fg_fraction=0.0, n_classes=3, augment=False):
+        self.entries = [Path(e) for e in entries]
+        if not self.entries: raise BratsError("CachedDataset: no cache entries given")
+        self.metas = [read_cache_entry(e)["meta"] for e in self.entries]
+        for e, m in zip(self.entries, self.metas):
+            if _n_classes(m["label_convention"]) > n_classes:
+                raise BratsError(f"{e}: its labels ({m['label_convention']}) have {_n_classes(m['label_convention'])} tissue classes, "
+                                 f"the network of this run predicts {n_classes}; train with convention={m['label_convention']!r}")
+        self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
+        self.seed, self.samples_per_case, self.fg_fraction, self.augment = seed, samples_per_case, float(fg_fraction), augment
+        self.epoch, self._open = 0, {}
+
+    def __len__(self): return len(self.entries) * self.samples_per_case
+    def set_epoch(self, epoch): self.epoch = epoch
+
+    def arrays(self, i):
+        "The memory maps of entry `i`, its class lookup table and its tumour voxels (opened once per process)."
+        if i not in self._open:
+            a = read_cache_entry(self.entries[i])
+            lut = np.zeros(256, np.uint8)
+            conv = self.metas[i]["label_convention"]
+            values = np.array(sorted(get_convention(conv).values), np.uint8)
+            lut[values] = labels_to_classes(values, conv)
+            a["lut"], a["fg"] = lut, (np.flatnonzero(np.asarray(a["label"])) if self.fg_fraction > 0 else None)
+            self._open[i] = a
+        return self._open[i]
+
+    def start(self, rng, shape, fg):
+        "The crop's corner: centred on a random tumour voxel with probability `fg_fraction`, else uniform (as `RandTumourCropd`)."
+        size = self.crop_size
+        if self.fg_fraction > 0 and rng.random() < self.fg_fraction and len(fg):
+            c = np.unravel_index(fg[rng.integers(len(fg))], shape)
+            return [int(min(max(int(c[k]) - s // 2, 0), max(shape[k] - s, 0))) for k, s in enumerate(size)]
+        return [int(rng.integers(0, max(shape[k] - s, 0) + 1)) for k, s in enumerate(size)]
+
+    def __getitem__(self, idx):
+        i = idx % len(self.entries)
+        a = self.arrays(i)
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        shape = a["label"].shape
+        st = self.start(rng, shape, a["fg"])
+        box = tuple(slice(b, b + s) for b, s in zip(st, self.crop_size))
+        pad = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for s, n in zip(self.crop_size, shape)]   # as SpatialPadd
+        def take(arr, dtype):
+            out = np.asarray(arr[(slice(None), *box)] if arr.ndim == 4 else arr[box], dtype=dtype)
+            return np.pad(out, ([(0, 0)] if out.ndim == 4 else []) + pad) if any(p != (0, 0) for p in pad) else out
+        res = dict(image=torch.from_numpy(take(a["image"], np.float32)),
+                   label=torch.from_numpy(a["lut"][take(a["label"], np.uint8)].astype(np.int64)),
+                   keypoints=torch.from_numpy(take(a["keypoints"], np.float32)))
+        if self.augment:
+            g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+            b = augment_batch({k: v[None] for k, v in res.items()}, g)
+            res = {k: v[0] for k, v in b.items()}
+        res["case"] = self.metas[i]["name"]
+        return res
+
+
 # %% ../nbs/05_keypoints.ipynb #d20583fb
 def add_cli(sub):
     "Register `brats-nb preprocess`."
-    p = sub.add_parser("preprocess", help="write the key point maps of every labelled case (cached)",
-                       description="Compute the BSC key point maps beside each labelled case: <case>_keypoints.nii.gz "
-                                   "(X, Y, Z, 3 uint8: WT, TC, ET) and a JSON sidecar. Up-to-date cases are skipped.")
+    p = sub.add_parser("preprocess", help="write the training cache (normalised volumes, labels, key point maps) of every labelled case",
+                       description="Write the training cache of every labelled case: the normalised image cut to the brain (float16), "
+                                   "the label and the BSC key point maps as memory-mappable .npy files, keyed by content hash and "
+                                   "settings, in --cache-dir (nothing is written into DATA_DIR). Up-to-date cases are skipped. "
+                                   "--beside writes only the key point maps beside each case instead (<case>_keypoints.nii.gz).")
     p.add_argument("data_dir", metavar="DATA_DIR", help="a folder of BraTS cases (either naming)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, at most 8)")
     p.add_argument("--n", type=int, nargs="+", default=[300, 200, 100], help="points per region: one value or three (WT TC ET)")
@@ -489,14 +647,18 @@ def add_cli(sub):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--convention", default=None, choices=list(CONVENTIONS),
                    help="label convention of the data where its values and names do not decide it (e.g. BraTS 2023 pediatric)")
+    p.add_argument("--cache-dir", default=None, help="the training cache (default: $BRATS_NB_CACHE/train or ~/.cache/brats_nb/train)")
+    p.add_argument("--beside", action="store_true", help="write the key point maps beside each case (NIfTI + JSON) instead of the cache")
     def run(a):
         n = a.n[0] if len(a.n) == 1 else tuple(a.n)
         r = a.radius[0] if len(a.radius) == 1 else tuple(a.radius)
         if a.t < 1 or any(v < 1 for v in _per_region(n, "--n")) or any(v < 0 for v in _per_region(r, "--radius")):
             raise BratsError(f"need --n >= 1, --t >= 1, --radius >= 0 (got n={a.n}, t={a.t}, radius={a.radius})")
         t0 = time.perf_counter()
-        s = preprocess(a.data_dir, a.workers, n, a.t, r, a.seed, a.force, a.device, progress=not a.no_progress, convention=a.convention)
-        print(f"key points: {len(s['written'])} written, {len(s['skipped'])} up to date, "
+        cache = None if a.beside else Path(a.cache_dir) if a.cache_dir else default_cache_dir()
+        s = preprocess(a.data_dir, a.workers, n, a.t, r, a.seed, a.force, a.device, progress=not a.no_progress, convention=a.convention,
+                       cache_dir=cache)
+        print(f"{'key point maps' if a.beside else f'training cache {cache}'}: {len(s['written'])} written, {len(s['skipped'])} up to date, "
               f"{len(s['unlabelled'])} without labels, {len(s['failed'])} failed ({time.perf_counter() - t0:.1f} s)")
         for k, v in s["failed"].items(): print(f"  {k}: {v}")
         return 1 if s["failed"] else 0

@@ -103,6 +103,10 @@ class BratsLoss(nn.Module):
 
     def forward(self, logits, target, keypoints=None):
         "Returns (total, parts): total a scalar tensor, parts {'gdl', 'ce', 'bsc', 'total'} as floats (0.0 for a skipped term)."
+        need = 1 + max(max(v) for v in self.regions.values())     # every class of WT, TC and ET needs a channel
+        if logits.ndim < 3 or logits.shape[1] < need:
+            raise BratsError(f"BratsLoss: expected (B, {need} or more, *spatial) scores for the classes of WT, TC and ET {self.regions}, "
+                             f"got shape {tuple(logits.shape)}")
         target = _check(logits, target, "BratsLoss")
         probs = torch.softmax(logits.float(), 1)
         gdl = generalized_dice_loss(probs, target, smooth_nr=self.smooth, smooth_dr=self.smooth, weights=self.gdl_weights)

@@ -188,7 +188,7 @@ def test_decathlon_layout_end_to_end(tmp_path):
     assert [c.name for c in cases] == ["Synth_000.nii.gz", "Synth_001.nii.gz"] and (task / "labelsTr" / "Synth_000.nii.gz").is_file()
     case = load_case(cases[0])
     assert case.label_convention == "msd" and case.image.shape == (4, 64, 64, 64) and set(case.label.ravel()) <= {0, 1, 2, 3}
-    r = run("preprocess", str(task))                                     # key point maps go beside imagesTr/, not into it
+    r = run("preprocess", str(task), "--beside")                        # key point maps go beside imagesTr/, not into it
     assert r.returncode == 0, r.stderr[-2000:]
     assert (task / "brats_nb_extra" / "Synth_000_keypoints.nii.gz").is_file() and len(find_cases(task)) == 2
     r = run("predict", str(lesson_checkpoint()), str(task), "--out", str(tmp_path / "pred"))

@@ -222,7 +222,7 @@ def test_crash_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_killed_preprocess_leaves_only_complete_files(tmp_path):
     root = _copy_samples(tmp_path, ("Synth_000", "Synth_001", "Synth_002", "Synth_003"))
     code = "import sys; from brats_nb.cli import main; sys.exit(main(sys.argv[1:]))"
-    p = subprocess.Popen([sys.executable, "-c", code, "preprocess", str(root), "--workers", "1", "--t", "30", "--no-progress"],
+    p = subprocess.Popen([sys.executable, "-c", code, "preprocess", str(root), "--beside", "--workers", "1", "--t", "30", "--no-progress"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not list(root.rglob("*_keypoints.json")) and p.poll() is None:
@@ -256,14 +256,41 @@ def test_2023_naming_and_dataset_reads_maps_like_the_label(tmp_path):
 def test_cli_preprocess_in_worker_processes(tmp_path):
     root = _copy_samples(tmp_path)
     code = "import sys; from brats_nb.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = subprocess.run([sys.executable, "-c", code, "preprocess", str(root), "--workers", "2", "--t", "3",
+    r = subprocess.run([sys.executable, "-c", code, "preprocess", str(root), "--beside", "--workers", "2", "--t", "3",
                         "--n", "100", "--radius", "1"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "2 written, 0 up to date" in r.stdout
     meta = json.loads(keypoint_files(root / "Synth_001")[1].read_text())
     assert meta["n"] == [100, 100, 100] and meta["radius"] == [1, 1, 1] and meta["t"] == 3
-    assert main(["preprocess", str(root), "--t", "3", "--n", "100", "--radius", "1", "--workers", "1", "--no-progress"]) == 0
+    assert main(["preprocess", str(root), "--beside", "--t", "3", "--n", "100", "--radius", "1", "--workers", "1", "--no-progress"]) == 0
     assert all(keypoints_up_to_date(root / n, n=100, t=3, radius=1) for n in ("Synth_000", "Synth_001"))
+
+
+def test_cli_training_cache_in_worker_processes_on_read_only_data(tmp_path):
+    "`brats-nb preprocess` fills the cache ($BRATS_NB_CACHE by default) from a read-only data folder; killed, it leaves only whole entries."
+    import os, stat
+    from brats_nb.keypoints import cache_settings, find_cache_entry, read_cache_entry
+    root = _copy_samples(tmp_path / "data", ("Synth_000", "Synth_001", "Synth_002"))   # (as root, chmod stops nothing: the snapshot checks)
+    for q in root.rglob("*"): q.chmod(q.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    root.chmod(root.stat().st_mode & ~stat.S_IWUSR)
+    before = sorted((str(q), q.stat().st_mtime_ns) for q in root.rglob("*"))
+    env = dict(os.environ, BRATS_NB_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    code = "import sys; from brats_nb.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.Popen([sys.executable, "-c", code, "preprocess", str(root), "--workers", "1", "--t", "30", "--no-progress"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "cache").glob("train/Synth_*/meta.json")) and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    for entry in (tmp_path / "cache" / "train").glob("Synth_*"):         # whatever has its name is whole
+        a = read_cache_entry(entry); assert a["image"].shape[0] == 4 and a["keypoints"].shape[1:] == a["label"].shape
+    r = subprocess.run([sys.executable, "-c", code, "preprocess", str(root), "--workers", "2", "--t", "30"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "3 up to date" in r.stdout or "written" in r.stdout
+    assert all(find_cache_entry(root / n, tmp_path / "cache" / "train", cache_settings(t=30)) for n in ("Synth_000", "Synth_001", "Synth_002"))
+    assert sorted((str(q), q.stat().st_mtime_ns) for q in root.rglob("*")) == before   # the data folder is untouched
+    root.chmod(root.stat().st_mode | stat.S_IWUSR)
 
 
 def test_cli_bad_input(tmp_path, capsys):
