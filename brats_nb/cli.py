@@ -16,8 +16,10 @@ import brats_nb
 from .core import BratsError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main', 'run_demo', 'add_demo_cli', 'export_model', 'add_export_cli',
-           'make_lesson_model', 'add_lesson_cli']
+__all__ = ['COMMANDS', 'BENCHES', 'EXPORT_FORMATS', 'CONFIG_KEY', 'EXAMPLE', 'CHECK', 'TOLERANCE', 'ONNX_OPSET', 'ONNX_EXPORTERS',
+           'build_parser', 'main', 'run_demo', 'add_demo_cli', 'make_lesson_model', 'add_lesson_cli',
+           'float32_rounding', 'export_torchscript', 'export_onnx', 'export_safetensors', 'load_safetensors',
+           'export_model', 'add_export_cli']
 
 # %% ../nbs/10_cli.ipynb #97259f44
 COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.keypoints", "add_cli"), ("brats_nb.trainer", "add_cli"),
@@ -120,38 +122,6 @@ def add_demo_cli(sub):
         print("wrote:"); [print("  ", f.resolve()) for f in files]
     p.set_defaults(func=run)
 
-# %% ../nbs/10_cli.ipynb #7912ec8e
-def export_model(checkpoint, out, example=(64, 64, 64), tolerance=1e-4):
-    """Write the network of `checkpoint` to `out` as TorchScript (traced; any input size that is a multiple of 16), with
-    its configuration as the extra file `config.json`. Returns (path, largest absolute logit difference on a check input)."""
-    import json
-    import torch
-    from brats_nb.core import atomic_path
-    from brats_nb.model import load_model
-    model, config = load_model(checkpoint, channels_last="off")
-    c = int(config["model"]["in_channels"])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, torch.randn(1, c, *example), check_trace=False)
-        check = torch.randn(1, c, example[0] - 16, example[1] + 16, example[2])       # another shape than the trace's
-        diff = float((traced(check) - model(check)).abs().max())
-    if not diff <= tolerance: raise BratsError(f"{checkpoint}: the traced network differs from the original by {diff:.2e} > {tolerance}")
-    out = Path(out)
-    with atomic_path(out) as tmp: torch.jit.save(traced, str(tmp), _extra_files={"config.json": json.dumps(config)})
-    return out, diff
-
-def add_export_cli(sub):
-    p = sub.add_parser("export", help="write a trained network as TorchScript, to run without brats_nb",
-                       description="Trace the network of CHECKPOINT and write it as TorchScript (torch.jit.load runs it), "
-                                   "checked against the original on an input of another shape.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a brats_nb checkpoint")
-    p.add_argument("--out", required=True, help="the TorchScript file to write")
-    p.add_argument("--format", default="torchscript", choices=("torchscript",), help="torchscript (ONNX is not done yet)")
-    def run(a):
-        path, diff = export_model(a.checkpoint, a.out)
-        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB); largest logit difference from the original {diff:.1e}")
-    p.set_defaults(func=run)
-
 # %% ../nbs/10_cli.ipynb #7574f3c5
 def make_lesson_model(out=None, seed=0, work=None, log=print):
     """Train the lessons' model with the demo's recipe and write it slim (float16 weights, config, log, held-out Dice) to
@@ -188,3 +158,172 @@ def add_lesson_cli(sub):
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0)")
     p.add_argument("--work", default=None, help="folder for the training run (default: a temporary folder)")
     p.set_defaults(func=lambda a: make_lesson_model(a.out, a.seed, a.work) and 0)
+
+# %% ../nbs/10_cli.ipynb #2b886ff5
+EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+CONFIG_KEY = "brats_nb_config"   # the metadata key of the configuration (JSON) in ONNX and safetensors files
+EXAMPLE, CHECK = (32, 32, 32), (48, 64, 32)   # the export traces EXAMPLE, then checks itself on CHECK (another shape)
+TOLERANCE = 1e-4
+
+def _out_file(out):
+    "The file to write; its folder must exist (an export creates no folders, so a mistyped path fails at once)."
+    out = Path(out)
+    if not out.parent.is_dir(): raise BratsError(f"{out.parent}: no such folder (to write {out.name} into)")
+    return out
+
+def _export_inputs(model):
+    "(trace input, check input) for `model`: one sample of EXAMPLE and one of CHECK, fixed random values."
+    import torch
+    g, c, n = torch.Generator().manual_seed(0), model.in_channels, model.spatial_dims
+    return torch.randn(1, c, *EXAMPLE[:n], generator=g), torch.randn(1, c, *CHECK[:n], generator=g)
+
+def float32_rounding(model, x):
+    "How far `model`'s float32 logits on `x` are from the same network's in float64: what rounding alone costs."
+    import copy, torch
+    with torch.no_grad(): return float((copy.deepcopy(model).double()(x.double()) - model(x).double()).abs().max())
+
+def _checked(checkpoint, what, model, run, x, tolerance):
+    """Largest absolute logit difference between `model` and `run` (the exported network, tensor -> logits) on `x`. Above
+    `tolerance` it must stay within twice float32's own rounding of `model` (`float32_rounding`), else BratsError."""
+    import torch
+    with torch.no_grad(): diff = float((torch.as_tensor(run(x)) - model(x)).abs().max())
+    if diff <= tolerance or diff <= 2 * (rounding := float32_rounding(model, x)): return diff
+    raise BratsError(f"{checkpoint}: the {what} network differs from the original by {diff:.2e}, more than {tolerance} "
+                     f"and more than twice float32's own rounding ({rounding:.1e})")
+
+# %% ../nbs/10_cli.ipynb #7912ec8e
+def export_torchscript(checkpoint, out, tolerance=TOLERANCE):
+    """Write the network of `checkpoint` to `out` as TorchScript (traced; any input size that is a multiple of 16), with
+    its configuration as the extra file `config.json`. Returns (path, largest absolute logit difference on CHECK)."""
+    import json, warnings
+    import torch
+    from brats_nb.core import atomic_path
+    from brats_nb.model import load_model
+    out = _out_file(out)
+    model, config = load_model(checkpoint, channels_last="off")
+    x, check = _export_inputs(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x, check_trace=False)
+    diff = _checked(checkpoint, "traced", model, traced, check, tolerance)
+    with atomic_path(out) as tmp: torch.jit.save(traced, str(tmp), _extra_files={"config.json": json.dumps(config)})
+    return out, diff
+
+# %% ../nbs/10_cli.ipynb #2291e7f0
+ONNX_OPSET = 18
+ONNX_EXPORTERS = ("torchscript", "dynamo")
+
+def _onnx_packages(exporter):
+    "onnx and onnxruntime (and onnxscript for the dynamo exporter), imported here only: they are development requirements."
+    names = ["onnx", "onnxruntime"] + (["onnxscript"] if exporter == "dynamo" else [])
+    try: return [importlib.import_module(n) for n in names]
+    except ImportError as e:
+        raise BratsError(f"ONNX export needs the packages {', '.join(names)} ({e.name or e} is missing): pip install {' '.join(names)}") from None
+
+def _onnx_model(model, x, exporter):
+    "The network as an ONNX ModelProto traced on `x`, with a dynamic batch axis and dynamic spatial axes."
+    import io, warnings
+    import onnx, torch
+    names = dict(input_names=["image"], output_names=["logits"], opset_version=ONNX_OPSET)
+    if exporter == "dynamo":
+        from torch.export import Dim
+        axes = {0: Dim("batch"), **{2 + i: 16 * Dim(f"size{i}") for i in range(model.spatial_dims)}}
+        x2 = x.expand(2, *x.shape[1:]).contiguous()          # a batch of 1 would be taken for a constant
+        return torch.onnx.export(model, (x2,), dynamo=True, dynamic_shapes=(axes,), verbose=False, **names).model_proto
+    axes = {0: "batch", **{2 + i: f"size{i}" for i in range(model.spatial_dims)}}
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(model, (x,), buf, dynamo=False, dynamic_axes={"image": axes, "logits": axes}, **names)
+    return onnx.load_from_string(buf.getvalue())
+
+# %% ../nbs/10_cli.ipynb #6f099134
+def export_onnx(checkpoint, out, exporter="torchscript", tolerance=TOLERANCE):
+    """Write the network of `checkpoint` to `out` as ONNX (opset ONNX_OPSET; input 'image' of any batch and any size that
+    is a multiple of 16, output 'logits') with its configuration as JSON in the metadata (CONFIG_KEY), checked by
+    `onnx.checker` and, through ONNX Runtime, on CHECK. Returns (path, largest absolute logit difference)."""
+    import json
+    import torch
+    from brats_nb.core import atomic_path
+    from brats_nb.model import load_model
+    if exporter not in ONNX_EXPORTERS: raise BratsError(f"unknown ONNX exporter {exporter!r}; use {' or '.join(ONNX_EXPORTERS)}")
+    out = _out_file(out)
+    onnx, ort = _onnx_packages(exporter)[:2]
+    model, config = load_model(checkpoint, channels_last="off")
+    x, check = _export_inputs(model)
+    proto = _onnx_model(model, x, exporter)
+    proto.metadata_props.add(key=CONFIG_KEY, value=json.dumps(config))
+    try: onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e: raise BratsError(f"{checkpoint}: onnx.checker refuses the exported model ({e})") from None
+    opts = ort.SessionOptions(); opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    diff = _checked(checkpoint, "ONNX", model, lambda t: session.run(None, {"image": t.numpy()})[0], check, tolerance)
+    with atomic_path(out) as tmp: onnx.save(proto, str(tmp))
+    return out, diff
+
+# %% ../nbs/10_cli.ipynb #f0f9455d
+def export_safetensors(checkpoint, out, tolerance=TOLERANCE):
+    """Write the weights of the network of `checkpoint` to `out` as safetensors, its configuration as JSON in the metadata
+    (CONFIG_KEY) and in `<out>.json`, checked by rebuilding the network from the file (`load_safetensors`) and running
+    CHECK. Returns (path, largest absolute logit difference)."""
+    import json
+    from safetensors.torch import save_file
+    from brats_nb.core import atomic_path, write_text_atomic
+    from brats_nb.model import load_model
+    out = _out_file(out)
+    model, config = load_model(checkpoint, channels_last="off")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
+        again = load_safetensors(tmp, channels_last="off")[0]
+        diff = _checked(checkpoint, "reloaded", model, again, _export_inputs(model)[1], tolerance)
+    write_text_atomic(f"{out}.json", json.dumps(config, indent=1) + "\n")
+    return out, diff
+
+# %% ../nbs/10_cli.ipynb #a33818a3
+def load_safetensors(path, device="cpu", channels_last="auto"):
+    """Rebuild the network of a safetensors file written by `brats-nb export --format safetensors`: `build_model` with the
+    configuration in its metadata (CONFIG_KEY), then its weights. No pickle. Returns (model in eval mode, config dict)."""
+    import json
+    from safetensors import safe_open
+    from brats_nb.model import build_model, use_channels_last
+    path = Path(path)
+    if not path.is_file(): raise BratsError(f"{path}: no such safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f: meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e: raise BratsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+    if CONFIG_KEY not in meta:
+        raise BratsError(f"{path}: no brats_nb configuration in the safetensors metadata (key {CONFIG_KEY!r}); `brats-nb export --format safetensors` writes one")
+    try: config = json.loads(meta[CONFIG_KEY]); model = build_model(**config["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise BratsError(f"{path}: the brats_nb configuration in its metadata does not describe a network ({type(e).__name__}: {e})") from None
+    try: model.load_state_dict(weights)
+    except RuntimeError as e: raise BratsError(f"{path}: weights do not fit the {config['model'].get('variant')!r} network ({str(e)[:200]})") from None
+    if use_channels_last(channels_last, device): model.channels_last()
+    return model.to(device).eval(), config
+
+# %% ../nbs/10_cli.ipynb #c016a1ff
+def export_model(checkpoint, out, format="torchscript", **kwargs):
+    "Write the network of `checkpoint` to `out` in `format` (EXPORT_FORMATS); returns (path, largest logit difference on CHECK)."
+    fns = dict(zip(EXPORT_FORMATS, (export_torchscript, export_onnx, export_safetensors)))
+    if format not in fns: raise BratsError(f"unknown export format {format!r}; use {', '.join(EXPORT_FORMATS)}")
+    return fns[format](checkpoint, out, **kwargs)
+
+def add_export_cli(sub):
+    p = sub.add_parser("export", help="write a trained network as TorchScript, ONNX or safetensors, to run or share without brats_nb",
+                       description="Write the network of CHECKPOINT as TorchScript (torch.jit.load runs it), ONNX (ONNX Runtime and "
+                                   "other frameworks run it) or safetensors (weights and configuration, no pickle; load_safetensors "
+                                   "rebuilds it), checked against the original on an input of another shape.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a brats_nb checkpoint")
+    p.add_argument("--out", required=True, help="the file to write (safetensors: and <out>.json beside it); its folder must exist")
+    p.add_argument("--format", default="torchscript", metavar="FORMAT", help=f"{', '.join(EXPORT_FORMATS)} (default: torchscript)")
+    p.add_argument("--onnx-exporter", default=None, metavar="EXPORTER",
+                   help="torch's ONNX exporter: torchscript (default, about 1 s) or dynamo (torch.export, needs onnxscript)")
+    def run(a):
+        if a.onnx_exporter is not None and a.format != "onnx": raise BratsError(f"--onnx-exporter is for --format onnx, not {a.format!r}")
+        path, diff = export_model(a.checkpoint, a.out, a.format, **({"exporter": a.onnx_exporter} if a.onnx_exporter else {}))
+        also = f" and {path}.json" if a.format == "safetensors" else ""
+        why = f" (over {TOLERANCE}, but within float32's own rounding of the network)" if diff > TOLERANCE else ""
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB){also}; largest logit difference from the original "
+              f"{diff:.1e} on a {'x'.join(map(str, CHECK))} input{why}")
+    p.set_defaults(func=run)
