@@ -19,16 +19,17 @@ import numpy as np
 import torch
 
 from .core import BratsError, amp_dtype, format_table, pick_device
-from .data import BratsDataset, find_cases
+from .data import BratsDataset, augment_batch, find_cases
 from .synth import samples_dir
 from .model import ARMS, VARIANTS, build_model, check_variant, conv_macs, count_parameters
-from .keypoints import preprocess_case
+from .keypoints import CachedDataset, cache_case, preprocess_case
 from .losses import BratsLoss
 from .inference import benchmark_inference
 from .trainer import TrainConfig, amp_setup, train_step
 
 # %% auto #0
-__all__ = ['bench_model', 'format_bench', 'add_model_bench_cli', 'bench_train', 'add_train_bench_cli', 'add_bench_cli']
+__all__ = ['bench_model', 'format_bench', 'add_model_bench_cli', 'bench_train', 'add_train_bench_cli', 'bench_loader',
+           'bench_gpu', 'format_bench_gpu', 'add_gpu_bench_cli', 'add_bench_cli']
 
 # %% ../nbs/13_bench.ipynb #2d520211
 def _rss():
@@ -141,33 +142,48 @@ def add_model_bench_cli(bsub):
     p.set_defaults(func=run)
 
 # %% ../nbs/13_bench.ipynb #40105931
-def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels, mid_channels, groups):
-    "Time `steps` training steps of one variant; returns a dict (runs inside its own process)."
+def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels, mid_channels, groups, channels_last=False,
+               pipeline="nifti", cache_dir=None):
+    """Time `steps` training steps of one variant; returns a dict (runs inside its own process). `pipeline`: 'nifti'
+    (NIfTI read and MONAI augmentation per crop in the loader) or 'cache' (memory-mapped cache entries, `augment_batch`
+    on the device)."""
     import resource
     dev = torch.device(device)
     cfg = TrainConfig(variant=variant, crop_size=crop, batch_size=batch, amp=amp, channels=channels, mid_channels=mid_channels, groups=groups)
     cases = find_cases(data or samples_dir())
     extra = ("keypoints",) if cfg.uses_bsc else ()
-    for c in (cases if extra else []): preprocess_case(c)
-    ds = BratsDataset(cases, crop, extra=extra, samples_per_case=max(1, math.ceil(batch * (steps + 1) / len(cases))))
+    per_case = max(1, math.ceil(batch * (steps + 1) / len(cases)))
+    if pipeline == "cache":
+        entries = [cache_case(c, cache_dir)[1] for c in cases]
+        ds = CachedDataset(entries, crop, samples_per_case=per_case)
+    else:
+        for c in (cases if extra else []): preprocess_case(c)
+        ds = BratsDataset(cases, crop, extra=extra, samples_per_case=per_case)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=dev.type == "cuda",
                                      persistent_workers=workers > 0)
     model = build_model(**cfg.model_kwargs()).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    if channels_last: model.channels_last()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True, fused=dev.type in ("cpu", "cuda"))
     amp, scaler, amp_name = amp_setup(cfg, dev)
     loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0)
     if dev.type == "cuda": torch.backends.cudnn.benchmark = True; torch.cuda.reset_peak_memory_stats()
-    it = iter(dl); data_t, comp_t = [], []
+    it, g = iter(dl), torch.Generator().manual_seed(0)
+    data_t, comp_t = [], []
     for s in range(steps + 1):  # the first step warms up and is not counted
-        t0 = time.perf_counter(); b = next(it); t1 = time.perf_counter()
+        t0 = time.perf_counter(); b = next(it)
+        if pipeline == "cache":
+            b = augment_batch({k: b[k].to(dev, non_blocking=True) for k in ("image", "label", "keypoints")}, g)
+            if not extra: b.pop("keypoints")
+        if dev.type == "cuda": torch.cuda.synchronize()  # timing: the data must be there
+        t1 = time.perf_counter()
         train_step(model, b, loss_fn, opt, dev, amp, scaler)
         if dev.type == "cuda": torch.cuda.synchronize()  # timing: the step must have finished
         t2 = time.perf_counter()
         if s: data_t.append(t1 - t0); comp_t.append(t2 - t1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     step = float(np.median(np.add(data_t, comp_t)))
-    return dict(variant=variant, batch=batch, crop=crop, amp=amp_name, data_s=float(np.median(data_t)), compute_s=float(np.median(comp_t)),
-                step_s=step, vols_per_s=batch / step, peak_gib=peak)
+    return dict(variant=variant, batch=batch, crop=crop, amp=amp_name, channels_last="on" if channels_last else "off", pipeline=pipeline,
+                data_s=float(np.median(data_t)), compute_s=float(np.median(comp_t)), step_s=step, vols_per_s=batch / step, peak_gib=peak)
 
 def _bench_subprocess(**kw):
     code = f"import json; from brats_nb.bench import _bench_one; print('RESULT' + json.dumps(_bench_one(**{kw!r})))"
@@ -176,6 +192,7 @@ def _bench_subprocess(**kw):
         if line.startswith("RESULT"): return json.loads(line[6:])
     tail = (r.stderr or r.stdout)[-600:]
     return dict(variant=kw["variant"], batch=kw["batch"], error=("out of memory" if "out of memory" in tail else tail.strip().splitlines()[-1] if tail.strip() else "failed"))
+
 
 # %% ../nbs/13_bench.ipynb #24d3dda2
 def bench_train(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8, steps=3, device="auto", workers=4, data="",
@@ -237,7 +254,74 @@ def add_train_bench_cli(bsub):
             print(format_table(irows, list(irows[0].keys())))
     p.set_defaults(func=run)
 
+# %% ../nbs/13_bench.ipynb #3aa75ce7
+def bench_loader(data="", crop=128, workers=None, batches=6, batch=8, cache_dir=None):
+    """Crops per second that a DataLoader with `workers` processes delivers from the training cache (`CachedDataset`,
+    the CPU side only: the augmentation runs on the device)."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    cases = find_cases(data or samples_dir())
+    entries = [cache_case(c, cache_dir)[1] for c in cases]
+    ds = CachedDataset(entries, crop, samples_per_case=max(1, math.ceil(batch * (batches + 2) / len(entries))))
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    it = iter(dl); next(it); next(it)                          # workers started and warm
+    t0 = time.perf_counter()
+    for _ in range(batches): next(it)
+    return dict(workers=workers, crop=crop, crops_per_s=batch * batches / (time.perf_counter() - t0))
+
+def bench_gpu(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8, steps=5, data="", workers=None,
+              budgets=(16, 24, 80), epochs=500, n_cases=285, channels=32, mid_channels=128, groups=16):
+    """The instructor's GPU check: training volumes/s per arm at `crop`³, `batch`, bf16, channels-last on and off (cache
+    pipeline, augmentation on the GPU); the loader's crops/s and whether it keeps up; the largest batch per memory
+    budget; whole-volume inference (240x240x155) with and without TTA; peak memory; the projected time of the paper's
+    recipe (`n_cases` x `epochs` crops). Returns a dict of tables."""
+    if not torch.cuda.is_available():
+        raise BratsError("`brats-nb bench gpu` needs a CUDA GPU (torch.cuda.is_available() is False); `brats-nb bench train` runs on the CPU")
+    kw = dict(crop=crop, batch=batch, steps=steps, device="cuda", workers=min(8, os.cpu_count() or 1), data=data, amp="bf16",
+              channels=channels, mid_channels=mid_channels, groups=groups, pipeline="cache")
+    train = [_bench_subprocess(variant=v, channels_last=cl, **kw) for v in variants for cl in (True, False)]
+    loader = bench_loader(data, crop, workers, batch=batch)
+    best = {}
+    for r in train:
+        if "error" not in r and r["vols_per_s"] > best.get(r["variant"], {}).get("vols_per_s", 0): best[r["variant"]] = r
+    for r in train:
+        if "error" not in r: r["loader_keeps_up"] = loader["crops_per_s"] >= r["vols_per_s"]
+    fit = {b: _max_batch("all", crop, b, "bf16", data, channels, mid_channels, groups) for b in budgets}
+    model = build_model("all", channels=channels, mid_channels=mid_channels, groups=groups).cuda().eval()
+    infer = benchmark_inference(model, shape=(240, 240, 155), device="cuda", repeats=3, amp=True)
+    rate = {v: min(r["vols_per_s"], loader["crops_per_s"]) for v, r in best.items()}
+    projected = {v: n_cases * epochs / r / 3600 for v, r in rate.items()}
+    return dict(train=train, loader=loader, max_batch=fit, inference=infer, projected_hours=projected)
+
+def format_bench_gpu(res):
+    "The tables of `bench_gpu` as text."
+    out = [f"training, {res['train'][0].get('crop', '?')}³ crops, bf16, cache pipeline (augmentation on the GPU)",
+           format_table(res["train"], [c for c in ("variant", "channels_last", "batch", "vols_per_s", "step_s", "data_s", "compute_s",
+                                                   "peak_gib", "loader_keeps_up", "error") if any(c in r for r in res["train"])]),
+           f"\nloader: {res['loader']['crops_per_s']:.1f} crops/s with {res['loader']['workers']} workers",
+           "largest batch of 'all' (GiB: batch): " + ", ".join(f"{b}: {n}" for b, n in res["max_batch"].items()),
+           "\nwhole-volume inference, 240x240x155", format_table(res["inference"], list(res["inference"][0].keys())),
+           "\nprojected time of the 500-epoch recipe (hours): " + ", ".join(f"{v} {h:.2f}" for v, h in res["projected_hours"].items())]
+    return "\n".join(out)
+
+def add_gpu_bench_cli(bsub):
+    "Register `brats-nb bench gpu`."
+    p = bsub.add_parser("gpu", help="the instructor's GPU check (training per arm, loader, memory, inference, projected time)",
+                        description="Run on one GPU in a few minutes: training volumes/s per arm (bf16, channels-last on/off), the "
+                                    "loader's crops/s, the largest batch for 16/24/80 GB, inference with and without TTA, and the "
+                                    "projected time of the paper's 500-epoch recipe.")
+    p.add_argument("--variants", nargs="+", default=["dmfnet", "mie", "sie", "bsc", "all"], choices=list(ARMS))
+    p.add_argument("--crop", type=int, default=128); p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5); p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--data", default="", help="BraTS folder (default: the bundled samples)")
+    p.add_argument("--json", default=None, help="also write the tables as JSON")
+    def run(a):
+        res = bench_gpu(a.variants, a.crop, a.batch, a.steps, a.data, a.workers)
+        print(format_bench_gpu(res))
+        if a.json: Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+    p.set_defaults(func=run)
+
+
 # %% ../nbs/13_bench.ipynb #5618ac5b
 def add_bench_cli(bsub):
-    "Register `brats-nb bench model` and `brats-nb bench train`."
-    add_model_bench_cli(bsub); add_train_bench_cli(bsub)
+    "Register `brats-nb bench model`, `brats-nb bench train` and `brats-nb bench gpu`."
+    add_model_bench_cli(bsub); add_train_bench_cli(bsub); add_gpu_bench_cli(bsub)
