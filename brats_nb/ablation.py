@@ -24,8 +24,9 @@ from .trainer import (PRESETS, Dist, TrainConfig, preset, train, train_torchrun,
                               config_from_args, config_cases, prepare_keypoints)
 
 # %% auto #0
-__all__ = ['METRIC_COLS', 'ablation_protocol', 'evaluate_run', 'n_parameters', 'arm_cost', 'run_ablation', 'summarize_arms',
-           'write_runs', 'paired_differences', 'format_differences', 'write_table', 'plot_ablation', 'add_cli']
+__all__ = ['METRIC_COLS', 'ablation_protocol', 'evaluate_run', 'n_parameters', 'arm_cost', 'visible_gpus', 'job_gpu',
+           'run_ablation', 'summarize_arms', 'write_runs', 'paired_differences', 'format_differences', 'write_table',
+           'plot_ablation', 'add_cli']
 
 # %% ../nbs/11_ablation.ipynb #9399cb65
 def ablation_protocol(cfg: TrainConfig):
@@ -55,6 +56,8 @@ def _run_one(out, base: TrainConfig, arm, seed, nproc=1, quiet=True, threads=Non
     else:
         train(cfg, resume=resume, quiet=quiet)
     rows = read_log(run)
+    if len(rows) < cfg.epochs:   # stopped by a signal: latest.pt holds the run
+        raise BratsError(f"{run}: stopped after {len(rows)} of {cfg.epochs} epochs, with its latest.pt; run the same command again to resume it")
     res = {"arm": arm, "seed": seed, "params": n_parameters(cfg), "epochs": len(rows),
            "time_per_epoch_s": float(np.median([r["epoch_s"] for r in rows])), **evaluate_run(run, cfg),
            "run_s": time.perf_counter() - t0}
@@ -66,13 +69,33 @@ def arm_cost(arm):
     mie, sie, bsc = ARMS[arm]
     return 1.0 + 0.7 * mie + 1.2 * sie + 0.05 * bsc
 
+# %% ../nbs/11_ablation.ipynb #caf24b85
+def visible_gpus(env=None, count=None):
+    """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` entries: those `env` (default `os.environ`) names,
+    else 0 to count-1 (default: the GPUs torch sees)."""
+    env = os.environ if env is None else env
+    if env.get("CUDA_VISIBLE_DEVICES") is not None: return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    if count is None: count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [str(i) for i in range(count)]
+
+def job_gpu(job, gpus):
+    "The `CUDA_VISIBLE_DEVICES` of parallel job number `job` (0, 1, ...): the GPUs `gpus` in turn; None without GPUs."
+    return gpus[job % len(gpus)] if gpus else None
+
+def _pin_job(counter, gpus, environ=os.environ):
+    "Initializer of a job process: the next number from the shared `counter`, and that job's GPU."
+    with counter.get_lock():
+        job, counter.value = counter.value, counter.value + 1
+    environ["CUDA_VISIBLE_DEVICES"] = job_gpu(job, gpus)
+
 # %% ../nbs/11_ablation.ipynb #f9ec10d6
 def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(0, 1, 2, 3, 4), quiet=True, log=print, nproc=1, jobs=1):
     """Train and evaluate every arm for every seed (skipping finished runs); returns the per-run results.
     On the bundled samples every run trains on the ten samples and is judged on the eight held-out cases
     (`val_data='heldout'`), with no validation during training (it would only repeat the final evaluation).
     With `nproc` > 1 each run trains under torchrun in that many processes (one per GPU); evaluation runs here.
-    With `jobs` > 1 that many runs train at once in separate processes, the CPU's threads shared among them."""
+    With `jobs` > 1 that many runs train at once in separate processes, the CPU's threads shared among them, and on a
+    machine with GPUs each process on a GPU of its own (`job_gpu`)."""
     base = base or preset("cpu")
     if not base.data and not base.val_data: base = dataclasses.replace(base, val_data="heldout", val_every=0)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +118,10 @@ def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(
         train_cases, _ = config_cases(base)   # once, here, rather than by two jobs at the same time: the held-out set,
         if any(cfg.uses_bsc for cfg in bsc): prepare_keypoints(base, train_cases, Dist())   # and the key point maps
         threads = max(1, torch.get_num_threads() // jobs)
-        pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"))
+        ctx, n = mp.get_context("spawn"), min(jobs, len(todo))
+        gpus = visible_gpus() if base.device != "cpu" else []
+        if gpus: log(f"{n} jobs on GPUs {', '.join(job_gpu(j, gpus) for j in range(n))}")
+        pool = ProcessPoolExecutor(n, mp_context=ctx, **(dict(initializer=_pin_job, initargs=(ctx.Value("i", 0), gpus)) if gpus else {}))
         try:
             # longest runs first, so that no job is left alone with a long run at the end (LPT scheduling)
             todo = sorted(todo, key=lambda k: -arm_cost(k[0]))
@@ -224,7 +250,7 @@ def add_cli(sub):
     p.add_argument("--config", help="a JSON training configuration to start from")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="starting configuration (default: cpu)")
     p.add_argument("--nproc", type=int, default=1, help="train each run in this many processes under torchrun (one per GPU)")
-    p.add_argument("--jobs", type=int, default=1, help="train this many runs at once (CPU: 2 on a 2-core machine is 1.8x faster)")
+    p.add_argument("--jobs", type=int, default=1, help="train this many runs at once (CPU: 2 on a 2-core machine is 1.8x faster; GPUs: each run on its own, in turn)")
     add_train_options(p, skip=("out",))  # each run's folder is OUT/<arm>_seed<k>
     def run(a):
         cfg = config_from_args(a)

@@ -23,9 +23,9 @@ from .model import load_model
 
 # %% auto #0
 __all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'drop_coreless',
-           'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled', 'EvalProtocol', 'evaluate_cases',
-           'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer', 'show_prediction', 'tta_uncertainty', 'add_cli',
-           'model_in_channels', 'benchmark_inference', 'format_inference_bench']
+           'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled', 'EvalProtocol', 'case_means',
+           'evaluate_cases', 'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer', 'show_prediction',
+           'tta_uncertainty', 'add_cli', 'model_in_channels', 'benchmark_inference', 'format_inference_bench']
 
 # %% ../nbs/08_inference.ipynb #5693ed63
 def pad_to_multiple(x, multiple=16):
@@ -217,6 +217,13 @@ class EvalProtocol:
                     need_core=self.need_core)
 
 # %% ../nbs/08_inference.ipynb #73761531
+def case_means(rows):
+    "The means over cases of the metric rows of `evaluate_cases`, and `Dice_mean`, the mean of the three regions' Dice."
+    keys = [k for k in rows[0] if k != "case"] if rows else [f"Dice_{r}" for r in REGIONS]
+    mean = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in keys}
+    mean["Dice_mean"] = float(np.mean([mean[f"Dice_{r}"] for r in REGIONS]))
+    return mean
+
 @torch.no_grad()
 def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False, out_dir=None, verbose=False, convention=None):
     """Predict each labelled case (folder or `Case`) by `protocol` and score it against its ground truth.
@@ -235,10 +242,7 @@ def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False
             row = {f"Dice_{r}": dice(pr[i], gr[i]) for i, r in enumerate(REGIONS)}
         rows.append({"case": case.name, **row})
         if verbose: print(case.name, " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
-    keys = [k for k in rows[0] if k != "case"] if rows else [f"Dice_{r}" for r in REGIONS]
-    mean = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in keys}
-    mean["Dice_mean"] = float(np.mean([mean[f"Dice_{r}"] for r in REGIONS]))
-    return rows, mean
+    return rows, case_means(rows)
 
 # %% ../nbs/08_inference.ipynb #43fa6c5c
 # ERROR_COLORS (00_data): none of the label colours (NCR red, ED green, ET yellow), so an error never reads as a tumour class

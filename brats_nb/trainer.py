@@ -10,11 +10,14 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, fields, asdict
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +30,14 @@ from .synth import heldout_dir, samples_dir
 from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
 from .keypoints import preprocess_case
 from .losses import BratsLoss
-from .inference import EvalProtocol, evaluate_cases
+from .inference import EvalProtocol, case_means, evaluate_cases
 
 # %% auto #0
-__all__ = ['PRESETS', 'LOG_FIELDS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist', 'setup_distributed', 'run_device',
-           'EpochSampler', 'split_cases', 'config_cases', 'amp_setup', 'train_step', 'read_log', 'prepare_keypoints',
-           'Run', 'setup_run', 'restore_run', 'train_epoch', 'finish_epoch', 'train', 'curve_widget', 'plot_curves',
-           'config_from_args', 'add_train_options', 'train_torchrun', 'add_cli']
+__all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'LOSS_KEYS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist',
+           'setup_distributed', 'run_device', 'rank_batch', 'EpochSampler', 'split_cases', 'config_cases', 'amp_setup',
+           'train_step', 'StopRequest', 'read_log', 'prepare_keypoints', 'Run', 'setup_run', 'restore_run', 'run_state',
+           'train_epoch', 'validate', 'finish_epoch', 'train', 'curve_widget', 'plot_curves', 'config_from_args',
+           'add_train_options', 'torchrun_command', 'train_torchrun', 'add_cli']
 
 # %% ../nbs/09_trainer.ipynb #46b5effc
 @dataclass
@@ -147,6 +151,8 @@ def poly_lambda(epochs, power=0.9):
     return lambda e: max(0.0, 1 - e / epochs) ** power
 
 # %% ../nbs/09_trainer.ipynb #bba3ff57
+DIST_TIMEOUT = timedelta(hours=2)   # how long a collective waits for the slowest rank before the run fails
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -163,7 +169,7 @@ def setup_distributed(device_kind):
     if world <= 1: return Dist()
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     return d
 
 def run_device(cfg, d: Dist):
@@ -173,20 +179,29 @@ def run_device(cfg, d: Dist):
     torch.cuda.set_device(d.local_rank)
     return torch.device("cuda", d.local_rank)
 
+# %% ../nbs/09_trainer.ipynb #2e4c33c1
+def rank_batch(batch_size, world):
+    "Crops per step of each of `world` processes: the global `batch_size` split evenly (a BratsError when it does not divide)."
+    if batch_size % world:
+        raise BratsError(f"batch_size {batch_size} is the global batch (crops per step over all processes) and does not divide "
+                         f"among {world} processes; use a multiple of {world}, or another number of processes")
+    return batch_size // world
+
 # %% ../nbs/09_trainer.ipynb #917b1870
 class EpochSampler(torch.utils.data.Sampler):
-    "Seeded per-epoch shuffle, split across ranks (padded so every rank takes the same number of steps)."
+    """Seeded per-epoch shuffle, split across ranks (padded so every rank takes the same number of steps).
+    `set_epoch(e, skip)` leaves out this rank's first `skip` indices of epoch `e` (an epoch resumed after a stop)."""
     def __init__(self, n, seed=0, rank=0, world=1):
-        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, 0
+        self.n, self.seed, self.rank, self.world, self.epoch, self.skip = n, seed, rank, world, 0, 0
         self.per_rank = math.ceil(n / world)
-    def set_epoch(self, epoch): self.epoch = epoch
+    def set_epoch(self, epoch, skip=0): self.epoch, self.skip = epoch, skip
     def indices(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         idx = torch.randperm(self.n, generator=g).tolist()
         idx += idx[: self.per_rank * self.world - self.n]
-        return idx[self.rank :: self.world]
+        return idx[self.rank :: self.world][self.skip :]
     def __iter__(self): return iter(self.indices())
-    def __len__(self): return self.per_rank
+    def __len__(self): return max(0, self.per_rank - self.skip)
 
 # %% ../nbs/09_trainer.ipynb #1fb8d923
 def split_cases(cases, val_fraction=0.2, seed=0):
@@ -254,6 +269,36 @@ def train_step(net, batch, loss_fn, opt=None, device="cpu", amp=None, scaler=Non
         else: opt.step()
     return parts
 
+# %% ../nbs/09_trainer.ipynb #df2094ca
+STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s))   # Windows has no SIGUSR1
+
+class StopRequest:
+    """A request to stop at the next step boundary: one of `STOP_SIGNALS` received while it is installed (`with stop:`),
+    or the file `file` (default: $BRATS_NB_STOP_FILE) present."""
+    def __init__(self, file=None):
+        self.file, self.signum, self._old = file or os.environ.get("BRATS_NB_STOP_FILE") or None, None, {}
+    def _handler(self, signum, frame): self.signum = signum
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # Python runs signal handlers in the main thread only
+            self._old = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
+        return self
+    def __exit__(self, *exc):
+        for s, h in self._old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)   # None: a handler not set from Python
+        self._old = {}
+    def requested(self):
+        "Whether this process was asked to stop."
+        return self.signum is not None or bool(self.file and os.path.exists(self.file))
+    def agreed(self, d: Dist, device="cpu"):
+        "Whether any process of the run was asked to stop: a collective, called by every rank after the same step."
+        if not d.on: return self.requested()
+        flag = torch.tensor([float(self.requested())], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+    def why(self):
+        "What asked for the stop, in words."
+        if self.signum is not None: return signal.Signals(self.signum).name
+        return "the stop file" if self.file and os.path.exists(self.file) else "another process of the run"
+
 # %% ../nbs/09_trainer.ipynb #e3667013
 LOG_FIELDS = ["epoch", "lr", "loss", "gdl", "ce", "bsc", "val_WT", "val_TC", "val_ET", "val_mean", "epoch_s", "data_s", "compute_s",
               "world", "threads"]
@@ -297,12 +342,14 @@ class Run:
     opt: torch.optim.Optimizer; sched: object; amp: object; scaler: object; amp_name: str; loss_fn: BratsLoss
     threads: ThreadGovernor | None = None; start: int = 0; best: float = -1.0
     convention: str = "brats2017"; model_kwargs: dict | None = None   # the classes the network learns, and its configuration
+    partial: dict | None = None    # an epoch stopped part-way, to continue (`restore_run`): its steps done, this rank's sums and times
 
 def setup_run(cfg: TrainConfig):
     "Device, process group, seeds, cases, key points, data, network, optimiser, schedule and loss of a run."
     cfg.check()
     kind = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     d = setup_distributed(kind)
+    per_rank = rank_batch(cfg.batch_size, d.world)
     device = run_device(cfg, d)
     threads = ThreadGovernor(cfg.threads) if device.type == "cpu" else None
     if threads: threads.update()
@@ -316,7 +363,7 @@ def setup_run(cfg: TrainConfig):
                       cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction,
                       label_convention=cfg.convention or None, n_classes=k)
     sampler = EpochSampler(len(ds), cfg.seed, d.rank, d.world)
-    loader_kw = dict(batch_size=max(1, cfg.batch_size // d.world), sampler=sampler, num_workers=cfg.workers, drop_last=False,
+    loader_kw = dict(batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False,
                      pin_memory=device.type == "cuda", **(dict(prefetch_factor=2) if cfg.workers > 0 else {}))
     mk = cfg.model_kwargs(out_channels=1 + k)
     model = build_model(**mk, init=cfg.init).to(device)
@@ -334,7 +381,8 @@ def setup_run(cfg: TrainConfig):
 
 # %% ../nbs/09_trainer.ipynb #651b07f3
 def restore_run(run: Run, resume=False, quiet=False):
-    "Continue from `latest.pt` of the run folder (`resume`), or refuse to overwrite a run that is there."
+    """Continue from `latest.pt` of the run folder (`resume`), or refuse to overwrite a run that is there. A checkpoint
+    written at a stop inside an epoch (`step` > 0) continues that epoch at its next step, in as many processes as it had."""
     cfg, out = run.cfg, run.out
     if resume and (out / "latest.pt").exists():
         ck = read_checkpoint(out / "latest.pt")
@@ -344,23 +392,62 @@ def restore_run(run: Run, resume=False, quiet=False):
         run.model.load_state_dict(ck["model"]); run.opt.load_state_dict(ck["optimizer"]); run.sched.load_state_dict(ck["scheduler"])
         if run.scaler is not None and ck.get("scaler"): run.scaler.load_state_dict(ck["scaler"])
         run.start, run.best = int(ck["epoch"]) + 1, float(ck["best"])
+        step = int(ck.get("step", 0))   # steps done in epoch `start`; checkpoints from before mid-epoch stops: 0, the end of an epoch
+        if step:
+            p, steps = ck["partial"], math.ceil(run.sampler.per_rank / run.loader_kw["batch_size"])
+            if p["world"] != run.d.world:
+                raise BratsError(f"{out / 'latest.pt'}: stopped after step {step} of epoch {run.start + 1} in {p['world']} processes; "
+                                 f"resume it in {p['world']} processes (each holds its own share of the epoch), not {run.d.world}")
+            if p["steps"] != steps:
+                raise BratsError(f"{out / 'latest.pt'}: stopped after step {step} of an epoch of {p['steps']} steps; this configuration's "
+                                 f"epochs have {steps} (another batch_size, samples_per_case or set of cases)")
+            run.partial = dict(step=step, **p["ranks"][run.d.rank])
         _set_rng_state(ck["rng"])
-        if run.d.main and not quiet: print(f"resuming {out} after epoch {run.start - 1} (best mean Dice {run.best:.4f})")
+        where = f"in epoch {run.start + 1} after step {step}" if step else f"after epoch {run.start}"
+        if run.d.main and not quiet: print(f"resuming {out} {where} (best mean Dice {run.best:.4f})")
     elif (out / "latest.pt").exists() and not resume:
         raise BratsError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
 
+# %% ../nbs/09_trainer.ipynb #4cf6b99a
+def run_state(run: Run, epoch, step=0, **extra):
+    """The checkpoint of `run` after epoch `epoch` (0-based; -1: none yet) and `step` steps of the next one: weights,
+    optimiser, schedule, scaler, best score, random states and configuration, and `extra`."""
+    cfg = run.cfg
+    return dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
+                scaler=run.scaler.state_dict() if run.scaler is not None else {}, epoch=epoch, step=step, best=run.best,
+                rng=_rng_state(), config={"train": cfg.to_dict(), "model": run.model_kwargs, "variant": cfg.variant,
+                                          "convention": run.convention}, **extra)
+
 # %% ../nbs/09_trainer.ipynb #89f36ae3
-def train_epoch(run: Run, epoch, quiet=False):
-    "One pass over the crops of `epoch`: a `train_step` each. Returns the log row (mean losses, times)."
+LOSS_KEYS = ("loss", "gdl", "ce", "bsc")
+
+def _stop_in_epoch(run: Run, epoch, step, steps, sums, times):
+    "Every rank: gather the ranks' running sums and times; rank 0 writes `latest.pt` at this step of `epoch`."
+    d = run.d
+    mine = {"sums": [sums[k] for k in LOSS_KEYS], "times": list(times)}
+    ranks = [mine]
+    if d.on: ranks = [None] * d.world; dist.all_gather_object(ranks, mine)
+    if d.main: save_checkpoint(run.out / "latest.pt", **run_state(run, epoch - 1, step, partial=dict(world=d.world, steps=steps, ranks=ranks)))
+    if d.on: dist.barrier()   # no rank returns before the checkpoint is there
+
+def train_epoch(run: Run, epoch, quiet=False, stop=None):
+    """One pass over the crops of `epoch`: a `train_step` each. Returns the log row (mean losses, times), or None when
+    `stop` (a `StopRequest`, asked after every step) ended the epoch early: then every rank stopped after the same step,
+    where rank 0 wrote `latest.pt`. A run restored from such a checkpoint (`run.partial`) continues at the next step."""
     from tqdm.auto import tqdm
     d, device = run.d, run.device
-    run.ds.set_epoch(epoch); run.sampler.set_epoch(epoch)
+    part, run.partial = run.partial, None
+    done = part["step"] if part else 0
+    run.ds.set_epoch(epoch); run.sampler.set_epoch(epoch, skip=done * run.loader_kw["batch_size"])
     if run.cfg.uses_bsc: run.loss_fn.bsc_weight = run.cfg.bsc_weight if epoch >= run.cfg.bsc_warmup else 0.0
     loader = torch.utils.data.DataLoader(run.ds, **run.loader_kw)
+    steps = done + len(loader)   # of the whole epoch, the same on every rank
     run.net.train()
-    sums, n, t_data, t_comp, seen = {"loss": 0.0, "gdl": 0.0, "ce": 0.0, "bsc": 0.0}, 0, 0.0, 0.0, []
-    t0 = time.perf_counter(); tick = t0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", disable=quiet or not d.main, leave=False)
+    sums = dict(zip(LOSS_KEYS, part["sums"])) if part else dict.fromkeys(LOSS_KEYS, 0.0)
+    spent, t_data, t_comp = part["times"] if part else (0.0, 0.0, 0.0)
+    n, seen = done, []
+    t0 = time.perf_counter() - spent; tick = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", initial=done, total=steps, disable=quiet or not d.main, leave=False)
     for batch in bar:
         t1 = time.perf_counter(); t_data += t1 - tick
         parts = train_step(run.net, batch, run.loss_fn, run.opt, device, run.amp, run.scaler)
@@ -369,6 +456,10 @@ def train_epoch(run: Run, epoch, quiet=False):
         n += 1
         tick = time.perf_counter(); t_comp += tick - t1
         bar.set_postfix(loss=f"{parts['total']:.4f}")
+        if stop is not None and n < steps and stop.agreed(d, device):   # after the last step the epoch ends anyway
+            bar.close()
+            _stop_in_epoch(run, epoch, n, steps, sums, (time.perf_counter() - t0, t_data, t_comp))
+            return None
     run.sched.step()
     if run.threads: run.threads.update()  # fewer threads when other processes took cores during the epoch
     if not quiet: print(f"[rank {d.rank}/{d.world}] epoch {epoch + 1}: {n} steps on {len(seen)} crops: {','.join(sorted(set(seen)))}", flush=True)
@@ -380,18 +471,34 @@ def train_epoch(run: Run, epoch, quiet=False):
     return {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"], **means, "epoch_s": time.perf_counter() - t0,
             "data_s": t_data, "compute_s": t_comp, "world": d.world, "threads": torch.get_num_threads()}
 
+# %% ../nbs/09_trainer.ipynb #a5e74fec
+def validate(run: Run):
+    """Score the run's network on its validation cases, shared by its processes: rank r predicts `cases[r::world]`.
+    Every rank gets (rows in case order, means), the same as one process calling `evaluate_cases` on all of them."""
+    cfg, d = run.cfg, run.d
+    if d.on:   # batch norm statistics: rank 0's, those of its checkpoint (DDP copies them to every rank at the next step anyway)
+        for b in run.model.buffers(): dist.broadcast(b, 0)
+    mine = run.val_cases[d.rank :: d.world]
+    rows = evaluate_cases(run.model, mine, cfg.val_protocol(), run.device, amp=run.amp is not None,
+                          convention=cfg.convention or None)[0] if mine else []
+    if d.on:
+        shares = [None] * d.world
+        dist.all_gather_object(shares, rows)
+        rows = [shares[i % d.world][i // d.world] for i in range(len(run.val_cases))]
+    return rows, case_means(rows)
+
 # %% ../nbs/09_trainer.ipynb #a6701b21
 def finish_epoch(run: Run, epoch, row, tb=None, callbacks=()):
-    "Rank 0 after an epoch: validation when due, `latest.pt` (and `best.pt` when validation improved), the log, callbacks."
+    """Every rank after an epoch: validation when due (shared, `validate`); then rank 0 writes `latest.pt` (and `best.pt`
+    when validation improved) and the log, and calls the callbacks."""
     cfg, out = run.cfg, run.out
     if run.val_cases and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-        _, v = evaluate_cases(run.model, run.val_cases, cfg.val_protocol(), run.device, amp=run.amp is not None, convention=cfg.convention or None)
+        _, v = validate(run)
         row.update({f"val_{k}": v[f"Dice_{k}"] for k in REGIONS}, val_mean=v["Dice_mean"])
     improved = row.get("val_mean", -1.0) > run.best
     if improved: run.best = row["val_mean"]
-    state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
-                 scaler=run.scaler.state_dict() if run.scaler is not None else {}, epoch=epoch, best=run.best,
-                 rng=_rng_state(), config={"train": cfg.to_dict(), "model": run.model_kwargs, "variant": cfg.variant, "convention": run.convention})
+    if not run.d.main: return
+    state = run_state(run, epoch)
     save_checkpoint(out / "latest.pt", **state)
     if improved: save_checkpoint(out / "best.pt", **state)
     _log_row(out / "metrics.csv", row)
@@ -401,27 +508,37 @@ def finish_epoch(run: Run, epoch, row, tb=None, callbacks=()):
     for cb in callbacks: cb(row)
 
 # %% ../nbs/09_trainer.ipynb #18babd28
-def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False):
-    "Train according to `cfg`; returns a summary dict. Rank 0 writes config.json, metrics.csv, latest.pt, best.pt."
-    run = setup_run(cfg)
-    restore_run(run, resume, quiet)
-    d = run.d
-    if d.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        cfg.save(run.out / "config.json")
-    tb = _tensorboard(run.out) if d.main else None
-    if not quiet:
-        print(f"[rank {d.rank}/{d.world}] {len(run.sampler)} crops per epoch of {len(run.train_cases)} training cases on {run.device} "
-              f"({run.amp_name}); validation: {len(run.val_cases)} cases", flush=True)
-    row = {}
-    for epoch in range(run.start, cfg.epochs):
-        row = train_epoch(run, epoch, quiet)
-        if d.main: finish_epoch(run, epoch, row, tb, callbacks)
-        if d.on: dist.barrier()
-    if tb is not None: tb.close()
-    if d.on: dist.destroy_process_group()
-    return {"out": str(run.out), "best_val_mean": run.best, "last": row, "train_cases": len(run.train_cases),
-            "val_cases": len(run.val_cases)}
+def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False, stop=None):
+    """Train according to `cfg`; returns a summary dict. Rank 0 writes config.json, metrics.csv, latest.pt, best.pt.
+    `stop`: a `StopRequest` (default: SIGTERM, SIGUSR1 or the file $BRATS_NB_STOP_FILE); when it comes the run stops
+    after the step that is running, with `latest.pt` written there, and the summary's `stopped` says why."""
+    stop = StopRequest() if stop is None else stop
+    with stop:   # from here on SIGTERM and SIGUSR1 ask for a stop instead of ending the process
+        run = setup_run(cfg)
+        restore_run(run, resume, quiet)
+        d = run.d
+        if d.main:
+            run.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(run.out / "config.json")
+        tb = _tensorboard(run.out) if d.main else None
+        if not quiet:
+            print(f"[rank {d.rank}/{d.world}] {len(run.sampler)} crops per epoch of {len(run.train_cases)} training cases on {run.device} "
+                  f"({run.amp_name}); validation: {len(run.val_cases)} cases", flush=True)
+        last, stopped = {}, None
+        for epoch in range(run.start, cfg.epochs):
+            row = train_epoch(run, epoch, quiet, stop)
+            if row is None:
+                stopped = f"{stop.why()}, in epoch {epoch + 1}"; break
+            finish_epoch(run, epoch, row, tb, callbacks); last = row
+            if d.on: dist.barrier()
+            if epoch + 1 < cfg.epochs and stop.agreed(d, run.device):
+                stopped = f"{stop.why()}, after epoch {epoch + 1}"; break
+        if stopped and d.main and not quiet:
+            print(f"stopped ({stopped}): {run.out / 'latest.pt'} holds the run at that step; --resume continues it", flush=True)
+        if tb is not None: tb.close()
+        if d.on: dist.destroy_process_group()
+    return {"out": str(run.out), "best_val_mean": run.best, "last": last, "train_cases": len(run.train_cases),
+            "val_cases": len(run.val_cases), "stopped": stopped}
 
 # %% ../nbs/09_trainer.ipynb #fcab06cb
 def curve_widget(rows=()):
@@ -493,30 +610,64 @@ def add_train_options(p, skip=()):
         g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_CONVERT[str(f.type)], default=None,
                        metavar=str(f.type).upper(), help=f"default {f.default!r}")
 
-def train_torchrun(cfg: TrainConfig, nproc: int, resume=False):
-    "Train `cfg` in `nproc` processes started by torchrun (one per GPU with NCCL, or CPU processes with gloo); returns the exit code."
+# %% ../nbs/09_trainer.ipynb #13e4f698
+def torchrun_command(config, nproc, resume=False, nnodes=1, node_rank=0, rdzv_endpoint="", rdzv_id="brats_nb"):
+    """The torchrun command line that trains the configuration file `config` in `nproc` processes on this machine: alone,
+    or as machine `node_rank` of `nnodes` that meet at `rdzv_endpoint` (HOST:PORT) in a c10d rendezvous named `rdzv_id`."""
+    if nproc < 1 or nnodes < 1: raise BratsError(f"--nproc {nproc} and --nnodes {nnodes} must be at least 1")
+    if not 0 <= node_rank < nnodes: raise BratsError(f"--node-rank {node_rank} must be in 0..{nnodes - 1} (--nnodes {nnodes})")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise BratsError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, a free port on one of the machines (e.g. the job's first node)")
+    where = (["--standalone"] if not rdzv_endpoint else [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
+                                                          f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"])
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", "--no-python",
+            sys.executable, "-c", "import sys; from brats_nb.cli import main; sys.exit(main())",
+            "train", "--config", str(config), *(["--resume"] if resume else [])]
+
+# %% ../nbs/09_trainer.ipynb #ff44c737
+def _ignore_stop_signals():
+    for s in STOP_SIGNALS: signal.signal(s, signal.SIG_IGN)
+
+def train_torchrun(cfg: TrainConfig, nproc: int, resume=False, nnodes=1, node_rank=0, rdzv_endpoint="", rdzv_id="brats_nb"):
+    """Train `cfg` in `nproc` processes on this machine started by torchrun (one per GPU with NCCL, or CPU processes with
+    gloo), alone or as one of `nnodes` machines (`torchrun_command`); returns the exit code. SIGTERM or SIGUSR1 to this
+    process stops the run at a step boundary: it creates the workers' stop file. torchrun runs with both ignored."""
+    rank_batch(cfg.batch_size, nproc * nnodes)   # refused here, before any process starts
     with tempfile.TemporaryDirectory() as tmp:
         cfg.save(Path(tmp) / "config.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--no-python",
-               sys.executable, "-c", "import sys; from brats_nb.cli import main; sys.exit(main())",
-               "train", "--config", str(Path(tmp) / "config.json"), *(["--resume"] if resume else [])]
-        return subprocess.call(cmd)
+        cmd = torchrun_command(Path(tmp) / "config.json", nproc, resume, nnodes, node_rank, rdzv_endpoint, rdzv_id)
+        stop_file = Path(tmp) / "stop"
+        # torchrun would pass SIGTERM on and end the workers after 30 s, and dies of SIGUSR1; asked to handle neither (torch
+        # versions with --signals-to-handle read PET_SIGNALS_TO_HANDLE), it keeps the SIG_IGN it inherits, and the workers,
+        # which inherit it too, install their own handlers in `train`
+        env = dict(os.environ, BRATS_NB_STOP_FILE=str(stop_file), PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT")
+        def relay(signum, frame): stop_file.touch()
+        main = threading.current_thread() is threading.main_thread()
+        old = {s: signal.signal(s, relay) for s in STOP_SIGNALS} if main else {}
+        try: return subprocess.call(cmd, env=env, preexec_fn=_ignore_stop_signals if os.name == "posix" else None)
+        finally:
+            for s, h in old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)
 
 # %% ../nbs/09_trainer.ipynb #07f97779
 def add_cli(sub):
     "Register `brats-nb train`."
     p = sub.add_parser("train", help="train a model (the paper's recipe by default)",
-                       description="Train DMFNet with MIE/SIE/BSC. Any configuration field can be given as an option.")
+                       description="Train DMFNet with MIE/SIE/BSC. Any configuration field can be given as an option. "
+                                   "SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint; --resume continues it.")
     p.add_argument("--config", help="a JSON configuration (e.g. a run's config.json)")
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="starting configuration (default: paper)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
-    p.add_argument("--nproc", type=int, default=1, help="start this many processes with torchrun (one per GPU, or CPU processes)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt (start it if there is none)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine, started with torchrun (one per GPU, or CPU processes)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines taking part; each runs this command with its own --node-rank")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0 to nnodes-1 (Slurm: $SLURM_NODEID)")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="where the machines meet: a free port on one of them")
+    p.add_argument("--rdzv-id", default="brats_nb", help="the rendezvous' name, the same on every machine (Slurm: $SLURM_JOB_ID)")
     add_train_options(p)
     def run(a):
         cfg = config_from_args(a)
-        if a.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun with this very configuration
-            return train_torchrun(cfg, a.nproc, a.resume)
+        if (a.nproc > 1 or a.nnodes > 1 or a.rdzv_endpoint) and "WORLD_SIZE" not in os.environ:   # start torchrun with this very configuration
+            return train_torchrun(cfg, a.nproc, a.resume, a.nnodes, a.node_rank, a.rdzv_endpoint, a.rdzv_id)
         s = train(cfg, resume=a.resume)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 and not s["stopped"]:
             print(f"done: {s['out']} (best mean validation Dice {s['best_val_mean']:.4f})")
     p.set_defaults(func=run)

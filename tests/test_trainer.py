@@ -69,7 +69,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
 def test_two_processes_under_torchrun(tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "brats-nb"),
-                        "train", *SMALL, "--max-cases", "5", "--epochs", "1", "--out", str(out)],
+                        "train", *SMALL, "--max-cases", "5", "--batch-size", "2", "--epochs", "1", "--out", str(out)],
                        capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     lines = {int(m[1]): set(m[2].split(",")) for m in re.finditer(r"\[rank (\d)/2\] epoch 1: \d+ steps on \d+ crops: (\S+)", r.stdout)}
