@@ -792,9 +792,10 @@ class BratsDataset(torch.utils.data.Dataset):
         return d
 
     def __getitem__(self, idx):
+        epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)   # a sampler may pass epoch * len + index
         i = idx % len(self.cases)
         d = dict(self.load(i))
-        rs = np.random.RandomState(np.random.SeedSequence([self.seed, self.epoch, idx]).generate_state(1)[0])
+        rs = np.random.RandomState(np.random.SeedSequence([self.seed, epoch, idx]).generate_state(1)[0])
         self.transform.set_random_state(state=rs)
         out = self.transform(d)
         res = {k: torch.as_tensor(np.asarray(out[k]), dtype=torch.float32) for k in ("image", *self.extra)}

@@ -455,7 +455,7 @@ def preprocess(data_dir, workers=None, n=(300, 200, 100), t=100, radius=(2, 1, 1
     Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
     import multiprocessing as mp
     from tqdm.auto import tqdm
-    dirs = find_cases(data_dir)
+    dirs = [Path(c) for c in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)   # a folder, or case folders
     _params(n, t, radius, seed)  # fail early on bad values
     if convention: get_convention(convention)
     kw = dict(n=n, t=t, radius=radius, seed=seed, force=force, device=device, convention=convention,
@@ -607,9 +607,10 @@ class CachedDataset(torch.utils.data.Dataset):
         return [int(rng.integers(0, max(shape[k] - s, 0) + 1)) for k, s in enumerate(size)]
 
     def __getitem__(self, idx):
+        epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)   # a sampler may pass epoch * len + index
         i = idx % len(self.entries)
         a = self.arrays(i)
-        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        rng = np.random.default_rng([self.seed, epoch, idx])
         shape = a["label"].shape
         st = self.start(rng, shape, a["fg"])
         box = tuple(slice(b, b + s) for b, s in zip(st, self.crop_size))

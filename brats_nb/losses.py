@@ -100,6 +100,7 @@ class BratsLoss(nn.Module):
         self.bsc_weight, self.inside_only, self.smooth = float(bsc_weight), bool(inside_only), smooth
         self.gdl_weights, self.ce_weight = gdl_weights, float(ce_weight)
         self.regions = dict(regions or BRATS_CLASS_REGIONS)   # softmax classes of WT, TC, ET (`data.class_regions`)
+        self.sync = True   # parts as floats; False: as detached tensors (no wait for the GPU at every step; the trainer on CUDA)
 
     def forward(self, logits, target, keypoints=None):
         "Returns (total, parts): total a scalar tensor, parts {'gdl', 'ce', 'bsc', 'total'} as floats (0.0 for a skipped term)."
@@ -122,7 +123,7 @@ class BratsLoss(nn.Module):
             if self.inside_only: m = m * target_regions(target, self.regions)
             bsc = bsc_loss(region_probs(probs, self.regions), m)
             total = total + self.bsc_weight * bsc
-        f = lambda t: float(t.detach()) if t is not None else 0.0
+        f = (lambda t: float(t.detach()) if t is not None else 0.0) if self.sync else (lambda t: t.detach() if t is not None else 0.0)
         return total, dict(gdl=f(gdl), ce=f(ce), bsc=f(bsc), total=f(total))
 
     def extra_repr(self):

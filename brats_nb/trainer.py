@@ -25,19 +25,20 @@ import torch
 import torch.distributed as dist
 
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_norm, pick_device
-from .data import BratsDataset, REGIONS, find_cases, label_convention_of, n_classes, class_regions
+from .data import BratsDataset, REGIONS, augment_batch, find_cases, label_convention_of, n_classes, class_regions
 from .synth import heldout_dir, samples_dir
 from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
-from .keypoints import preprocess_case
+from .keypoints import (CachedDataset, cache_settings, default_cache_dir, find_cache_entry, preprocess,
+                                 preprocess_case)
 from .losses import BratsLoss
 from .inference import EvalProtocol, case_means, evaluate_cases
 
 # %% auto #0
 __all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'LOSS_KEYS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist',
            'setup_distributed', 'run_device', 'rank_batch', 'EpochSampler', 'split_cases', 'config_cases', 'amp_setup',
-           'train_step', 'StopRequest', 'read_log', 'prepare_keypoints', 'Run', 'setup_run', 'restore_run', 'run_state',
-           'train_epoch', 'validate', 'finish_epoch', 'train', 'curve_widget', 'plot_curves', 'config_from_args',
-           'add_train_options', 'torchrun_command', 'train_torchrun', 'add_cli']
+           'train_step', 'StopRequest', 'read_log', 'prepare_cache', 'prepare_keypoints', 'Run', 'setup_run',
+           'restore_run', 'run_state', 'train_epoch', 'validate', 'finish_epoch', 'train', 'curve_widget',
+           'plot_curves', 'config_from_args', 'add_train_options', 'torchrun_command', 'train_torchrun', 'add_cli']
 
 # %% ../nbs/09_trainer.ipynb #46b5effc
 @dataclass
@@ -73,6 +74,8 @@ class TrainConfig:
     samples_per_case: int = 1   # crops drawn from each training case per epoch
     workers: int = 4            # data loading processes per training process
     cache: bool = False         # keep normalised cases in memory (small data sets)
+    cache_dir: str = ""         # training cache: '' reads the NIfTI files per crop; 'auto' $BRATS_NB_CACHE/train (or ~/.cache/brats_nb/train); a folder
+    augment_on: str = "loader"  # where the augmentation runs: loader (MONAI, per crop, in the loader processes) or device (augment_batch, per batch)
     amp: str = "auto"           # auto (bf16 where supported, else fp16 with a scaler; none on CPU), bf16, fp16, none
     device: str = "auto"        # auto, cpu, cuda
     threads: int = 0            # CPU threads; 0: the CPUs other processes leave idle, re-checked every epoch
@@ -109,6 +112,7 @@ class TrainConfig:
                                                                       f"with data {self.data!r} give a folder or leave it empty")
         check_norm(self.norm); self.mie_norm == "same" or check_norm(self.mie_norm)
         if self.convention: n_classes(self.convention)          # known, and trainable
+        if self.augment_on not in ("loader", "device"): raise BratsError(f"augment_on {self.augment_on!r}: use loader or device")
         return self
 
     def val_protocol(self):
@@ -135,7 +139,7 @@ class TrainConfig:
 
 # %% ../nbs/09_trainer.ipynb #25046ca5
 PRESETS = {
-    "paper": {},
+    "paper": dict(cache_dir="auto", augment_on="device"),   # the data pipeline that keeps a GPU busy (same recipe)
     "cpu": dict(channels=8, mid_channels=16, groups=4, norm="group", crop_size=64, batch_size=1, epochs=24, workers=0, cache=True,
                 samples_per_case=2, lr=3e-3, val_every=12, ce_weight=1.0, fg_fraction=0.5, bsc_warmup=5, mie_residual=True),
 }
@@ -200,7 +204,7 @@ class EpochSampler(torch.utils.data.Sampler):
         idx = torch.randperm(self.n, generator=g).tolist()
         idx += idx[: self.per_rank * self.world - self.n]
         return idx[self.rank :: self.world][self.skip :]
-    def __iter__(self): return iter(self.indices())
+    def __iter__(self): return iter([self.epoch * self.n + i for i in self.indices()])   # the epoch travels with the index (persistent workers)
     def __len__(self): return max(0, self.per_rank - self.skip)
 
 # %% ../nbs/09_trainer.ipynb #1fb8d923
@@ -325,6 +329,22 @@ def _tensorboard(out):
     except Exception:  # tensorboard is optional
         return None
 
+def prepare_cache(cfg, cases, d: Dist):
+    """The training cache entries of `cases` (`cfg.cache_dir`; 'auto': the default folder), written where missing by rank 0
+    (in parallel when there are many; `brats-nb preprocess` does it beforehand); every rank gets the entry folders."""
+    cdir = default_cache_dir() if cfg.cache_dir == "auto" else Path(cfg.cache_dir)
+    conv = cfg.convention or None
+    if d.main:
+        missing = [c for c in cases if find_cache_entry(c, cdir, cache_settings(convention=conv)) is None]
+        if missing:
+            s = preprocess(missing, workers=min(len(missing), os.cpu_count() or 1, 8), progress=len(missing) >= 20, convention=conv,
+                           cache_dir=cdir)
+            if s["failed"]: raise BratsError("the training cache could not be written: " + "; ".join(f"{k}: {v}" for k, v in s["failed"].items()))
+    if d.on: dist.barrier()
+    entries = [find_cache_entry(c, cdir, cache_settings(convention=conv)) for c in cases]
+    if None in entries: raise BratsError(f"{cases[entries.index(None)]}: no training cache entry in {cdir}")
+    return entries
+
 def prepare_keypoints(cfg, cases, d: Dist):
     "Make sure every training case has its key point maps (cached; computed once by rank 0)."
     if d.main:
@@ -343,6 +363,7 @@ class Run:
     threads: ThreadGovernor | None = None; start: int = 0; best: float = -1.0
     convention: str = "brats2017"; model_kwargs: dict | None = None   # the classes the network learns, and its configuration
     partial: dict | None = None    # an epoch stopped part-way, to continue (`restore_run`): its steps done, this rank's sums and times
+    loader: object = None          # the DataLoader, made at the first epoch and kept (its worker processes persist)
 
 def setup_run(cfg: TrainConfig):
     "Device, process group, seeds, cases, key points, data, network, optimiser, schedule and loss of a run."
@@ -358,13 +379,17 @@ def setup_run(cfg: TrainConfig):
     train_cases, val_cases = config_cases(cfg)
     conv = label_convention_of(train_cases[0], cfg.convention or None)   # the network's classes follow the labels' convention
     k = n_classes(conv)
-    if cfg.uses_bsc: prepare_keypoints(cfg, train_cases, d)
-    ds = BratsDataset(train_cases, cfg.crop_size, augment=True, extra=("keypoints",) if cfg.uses_bsc else (),
-                      cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction,
-                      label_convention=cfg.convention or None, n_classes=k)
+    if cfg.cache_dir:                                              # memory-mapped cache entries: a crop is a slice
+        ds = CachedDataset(prepare_cache(cfg, train_cases, d), cfg.crop_size, seed=cfg.seed, samples_per_case=cfg.samples_per_case,
+                           fg_fraction=cfg.fg_fraction, n_classes=k, augment=cfg.augment_on == "loader")
+    else:
+        if cfg.uses_bsc: prepare_keypoints(cfg, train_cases, d)
+        ds = BratsDataset(train_cases, cfg.crop_size, augment=cfg.augment_on == "loader", extra=("keypoints",) if cfg.uses_bsc else (),
+                          cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction,
+                          label_convention=cfg.convention or None, n_classes=k)
     sampler = EpochSampler(len(ds), cfg.seed, d.rank, d.world)
-    loader_kw = dict(batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False,
-                     pin_memory=device.type == "cuda", **(dict(prefetch_factor=2) if cfg.workers > 0 else {}))
+    loader_kw = dict(batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False, pin_memory=device.type == "cuda",
+                     **(dict(prefetch_factor=2, persistent_workers=True) if cfg.workers > 0 else {}))
     mk = cfg.model_kwargs(out_channels=1 + k)
     model = build_model(**mk, init=cfg.init).to(device)
     if use_channels_last(cfg.channels_last, device): model.channels_last()
@@ -376,6 +401,7 @@ def setup_run(cfg: TrainConfig):
     amp, scaler, amp_name = amp_setup(cfg, device)
     loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0, gdl_weights=cfg.gdl_weights, ce_weight=cfg.ce_weight,
                         regions=class_regions(conv))
+    loss_fn.sync = device.type != "cuda"                           # on a GPU the logged losses stay on it until the epoch ends
     return Run(cfg, d, device, Path(cfg.out), train_cases, val_cases, ds, sampler, loader_kw, model, net, opt, sched,
                amp, scaler, amp_name, loss_fn, threads, convention=conv, model_kwargs=mk)
 
@@ -424,7 +450,7 @@ LOSS_KEYS = ("loss", "gdl", "ce", "bsc")
 def _stop_in_epoch(run: Run, epoch, step, steps, sums, times):
     "Every rank: gather the ranks' running sums and times; rank 0 writes `latest.pt` at this step of `epoch`."
     d = run.d
-    mine = {"sums": [sums[k] for k in LOSS_KEYS], "times": list(times)}
+    mine = {"sums": [float(sums[k]) for k in LOSS_KEYS], "times": list(times)}
     ranks = [mine]
     if d.on: ranks = [None] * d.world; dist.all_gather_object(ranks, mine)
     if d.main: save_checkpoint(run.out / "latest.pt", **run_state(run, epoch - 1, step, partial=dict(world=d.world, steps=steps, ranks=ranks)))
@@ -440,7 +466,10 @@ def train_epoch(run: Run, epoch, quiet=False, stop=None):
     done = part["step"] if part else 0
     run.ds.set_epoch(epoch); run.sampler.set_epoch(epoch, skip=done * run.loader_kw["batch_size"])
     if run.cfg.uses_bsc: run.loss_fn.bsc_weight = run.cfg.bsc_weight if epoch >= run.cfg.bsc_warmup else 0.0
-    loader = torch.utils.data.DataLoader(run.ds, **run.loader_kw)
+    if run.loader is None: run.loader = torch.utils.data.DataLoader(run.ds, **run.loader_kw)   # made once: its workers persist
+    loader = run.loader
+    on_device = run.cfg.augment_on == "device"
+    check_every = 1 if device.type == "cpu" else 8   # a stop is agreed by a collective: not at every step on a GPU
     steps = done + len(loader)   # of the whole epoch, the same on every rank
     run.net.train()
     sums = dict(zip(LOSS_KEYS, part["sums"])) if part else dict.fromkeys(LOSS_KEYS, 0.0)
@@ -450,20 +479,24 @@ def train_epoch(run: Run, epoch, quiet=False, stop=None):
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", initial=done, total=steps, disable=quiet or not d.main, leave=False)
     for batch in bar:
         t1 = time.perf_counter(); t_data += t1 - tick
+        if on_device:   # the augmentation of this step, on the training device, seeded by (seed, epoch, step, rank)
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([run.cfg.seed, epoch, n, d.rank]).generate_state(1)[0]))
+            keys = [k for k in ("image", "label", "keypoints") if k in batch]
+            batch = {**batch, **augment_batch({k: batch[k].to(device, non_blocking=True) for k in keys}, g)}
         parts = train_step(run.net, batch, run.loss_fn, run.opt, device, run.amp, run.scaler)
         seen += list(batch["case"])
         for k in sums: sums[k] += parts.get(k if k != "loss" else "total", 0.0)
         n += 1
         tick = time.perf_counter(); t_comp += tick - t1
-        bar.set_postfix(loss=f"{parts['total']:.4f}")
-        if stop is not None and n < steps and stop.agreed(d, device):   # after the last step the epoch ends anyway
+        if run.loss_fn.sync or n % 20 == 0: bar.set_postfix(loss=f"{float(parts['total']):.4f}")
+        if stop is not None and n < steps and n % check_every == 0 and stop.agreed(d, device):   # after the last step the epoch ends anyway
             bar.close()
             _stop_in_epoch(run, epoch, n, steps, sums, (time.perf_counter() - t0, t_data, t_comp))
             return None
     run.sched.step()
     if run.threads: run.threads.update()  # fewer threads when other processes took cores during the epoch
     if not quiet: print(f"[rank {d.rank}/{d.world}] epoch {epoch + 1}: {n} steps on {len(seen)} crops: {','.join(sorted(set(seen)))}", flush=True)
-    means = {k: v / max(n, 1) for k, v in sums.items()}
+    means = {k: float(v) / max(n, 1) for k, v in sums.items()}
     if d.on:  # average the logged losses over the ranks
         t = torch.tensor([means[k] for k in sums], device=device)
         dist.all_reduce(t); t /= d.world

@@ -199,3 +199,26 @@ def test_training_classes_follow_the_convention(tmp_path, layout, classes):
     assert r.returncode != 0 and "unknown label values" in r.stderr
     r = brats_nb("train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "men"), "--convention", "men-rt")
     assert r.returncode == 2 and "cannot be trained" in r.stderr
+
+
+def test_training_from_the_cache_with_augmentation_on_the_device(tmp_path):
+    """The instructor's pipeline on the CPU: the training cache (read-only data folder left untouched), crops from memory
+    maps, the augmentation on the training device (here the CPU), persistent loader workers; the same weights with 0 or
+    2 workers (each crop's randomness travels with its index), and again on a second run."""
+    import shutil, stat
+    data = tmp_path / "data"
+    for c in sorted(SAMPLES_DIR.glob("Synth_00[0-3]")): shutil.copytree(c, data / c.name)
+    for q in data.rglob("*"): q.chmod(q.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    before = sorted((str(q), q.stat().st_mtime_ns) for q in data.rglob("*"))
+    args = ["--preset", "cpu", "--variant", "bsc", "--crop-size", "32", "--samples-per-case", "2", "--epochs", "2", "--data", str(data),
+            "--cache-dir", str(tmp_path / "cache"), "--augment-on", "device", "--cache", "false"]
+    for name, workers in (("w0", "0"), ("w2", "2"), ("w2b", "2")):
+        r = brats_nb("train", *args, "--workers", workers, "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted((str(q), q.stat().st_mtime_ns) for q in data.rglob("*")) == before      # nothing written beside the cases
+    assert len(list((tmp_path / "cache").glob("Synth_00*"))) == 3                          # the training cases (one is for validation)
+    w0, w2, w2b = (weights(tmp_path / n / "latest.pt") for n in ("w0", "w2", "w2b"))
+    assert same_weights(w2, w2b) and same_weights(w0, w2)
+    assert read_log(tmp_path / "w2")[-1]["val_mean"] > 0
+    r = brats_nb("train", *args, "--workers", "0", "--augment-on", "gpu", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "augment_on 'gpu'" in r.stderr
