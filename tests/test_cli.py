@@ -109,7 +109,8 @@ def test_ablation_end_to_end_and_resume(tmp_path):
 def test_ablation_in_two_processes(tmp_path):
     "--nproc: each run trains under real torchrun (2 CPU processes, gloo); the parent evaluates and writes the table."
     out = tmp_path / "abl"
-    r = run("ablation", "--out", str(out), "--arms", "dmfnet", "--seeds", "0", "--epochs", "1", "--nproc", "2", *TINY, timeout=600)
+    r = run("ablation", "--out", str(out), "--arms", "dmfnet", "--seeds", "0", "--epochs", "1", "--nproc", "2", *TINY,
+            "--batch-size", "2", timeout=600)                      # the global batch: one crop per process
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "dmfnet_seed0" / "metrics.csv")))
     assert len(rows) == 1 and rows[0]["world"] == "2"          # one row, written by rank 0 of a world of 2
