@@ -25,12 +25,13 @@ __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'L
            'TISSUE_COLORS', 'ERROR_COLORS', 'AUG_MAX_ANGLE', 'naming_modalities', 'LabelConvention', 'get_convention',
            'CaseFiles', 'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values',
            'Case', 'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
-           'label_convention_of', 'labels_to_classes', 'classes_to_labels', 'brain_mask', 'normalize', 'windowed',
-           'take_slice', 'label_colours', 'overlay_rgb', 'pick_modality', 'tumour_centre', 'show_case', 'png_bytes',
-           'slice_controls', 'slice_viewer', 'nifti_bytes', 'wt_disagreement', 'label_lut', 'volume_viewer',
-           'show_volume', 'RandTumourCropd', 'training_transforms', 'augment_params', 'augment_theta', 'augment_batch',
-           'load_extra', 'BratsDataset', 'save_nifti', 'resample_factors', 'downsample_arrays', 'brain_box',
-           'downsampled_affine', 'whole_blocks', 'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
+           'convention_of_label', 'label_convention_of', 'check_classes', 'labels_to_classes', 'classes_to_labels',
+           'brain_mask', 'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb', 'pick_modality',
+           'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes',
+           'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'RandTumourCropd', 'training_transforms',
+           'augment_params', 'augment_theta', 'augment_batch', 'load_extra', 'BratsDataset', 'save_nifti',
+           'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
+           'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -328,14 +329,23 @@ def class_regions(convention):
     c = get_convention(convention); cl = _classes(c)
     return {r: tuple(k for k, v in enumerate(cl, 1) if v in c.regions[r]) for r in REGIONS}
 
+def convention_of_label(label, files, convention=None):
+    "The convention of the label map `label` of a case's `files`: `convention` checked against its values, else detected."
+    if convention is not None: check_label_values(label, convention, files.seg); return get_convention(convention).name
+    return "msd" if files.naming == "msd" else detect_label_convention(label, files.naming, files.seg, files.name)
+
 def label_convention_of(case_dir, convention=None):
     "The label convention of a labelled case, read from its label file alone (`convention`: the one to check it against)."
     files = case_files(case_dir)
     if files.seg is None: raise BratsError(f"{case_dir}: has no label file")
     _, data = read_nifti(files.seg)
-    label = np.asarray(data).astype(np.uint8)
-    if convention is not None: check_label_values(label, convention, files.seg); return get_convention(convention).name
-    return "msd" if files.naming == "msd" else detect_label_convention(label, files.naming, files.seg, files.name)
+    return convention_of_label(np.asarray(data).astype(np.uint8), files, convention)
+
+def check_classes(where, convention, classes):
+    "Raise a `BratsError` naming `where` when labels in `convention` need more tissue classes than a network's `classes`."
+    if n_classes(convention) > classes:
+        raise BratsError(f"{where}: its labels ({convention}) have {n_classes(convention)} tissue classes, the network of this "
+                         f"run predicts {classes}; train with convention={convention!r} (--convention)")
 
 def labels_to_classes(label, convention=None):
     "Class indices for the softmax (1 NCR-like, 2 ED-like, 3 ET, then the convention's own: RC, CC) from a label map and its convention (or a Case)."
@@ -782,9 +792,7 @@ class BratsDataset(torch.utils.data.Dataset):
         if i in self._cache: return self._cache[i]
         case = load_case(self.cases[i], label_convention=self.label_convention)
         if case.label is None: raise BratsError(f"{self.cases[i]}: has no label file; it cannot be used for training")
-        if n_classes(case.label_convention) > self.n_classes:
-            raise BratsError(f"{self.cases[i]}: its labels ({case.label_convention}) have {n_classes(case.label_convention)} tissue classes, "
-                             f"the network of this run predicts {self.n_classes}; train with convention={case.label_convention!r} (--convention)")
+        check_classes(self.cases[i], case.label_convention, self.n_classes)
         d = dict(image=normalize(case.image), label=labels_to_classes(case.label, case.label_convention)[None].astype(np.float32))
         for k in self.extra: d[k] = load_extra(case.files, k, case.shape)
         d = {k: np.ascontiguousarray(v) for k, v in d.items()}  # NIfTI data come in Fortran order; MONAI would copy them per crop

@@ -21,9 +21,9 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from .core import BratsError, atomic_path, bbox, pick_device
-from .data import (REGIONS, Case, read_nifti, detect_label_convention, find_cases, load_case, labels_to_regions, save_nifti,
-                           case_files, take_slice, windowed, png_bytes, AXES, check_label_values, get_convention, CONVENTIONS,
-                           brain_box, normalize, labels_to_classes, augment_batch, n_classes as _n_classes)
+from .data import (REGIONS, Case, read_nifti, find_cases, load_case, labels_to_regions, save_nifti,
+                           case_files, take_slice, windowed, png_bytes, AXES, get_convention, CONVENTIONS,
+                           brain_box, normalize, labels_to_classes, augment_batch, check_classes, convention_of_label)
 from .synth import samples_dir
 
 # %% auto #0
@@ -428,8 +428,7 @@ def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0
     img, label = read_nifti(files.seg)
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
-    if convention: check_label_values(label.astype(np.uint8), convention, files.seg); conv = convention   # as the user says
-    else: conv = "msd" if files.naming == "msd" else detect_label_convention(label.astype(np.uint8), files.naming, files.seg, files.name)
+    conv = convention_of_label(label.astype(np.uint8), files, convention or None)   # as the user says, else detected
     maps, info = select_keypoints(label.astype(np.uint8), n, t, radius, seed, conv, device)
     nii, side = keypoint_files(case_dir)
     save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)
@@ -575,10 +574,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.entries = [Path(e) for e in entries]
         if not self.entries: raise BratsError("CachedDataset: no cache entries given")
         self.metas = [read_cache_entry(e)["meta"] for e in self.entries]
-        for e, m in zip(self.entries, self.metas):
-            if _n_classes(m["label_convention"]) > n_classes:
-                raise BratsError(f"{e}: its labels ({m['label_convention']}) have {_n_classes(m['label_convention'])} tissue classes, "
-                                 f"the network of this run predicts {n_classes}; train with convention={m['label_convention']!r}")
+        for e, m in zip(self.entries, self.metas): check_classes(e, m["label_convention"], n_classes)
         self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
         self.seed, self.samples_per_case, self.fg_fraction, self.augment = seed, samples_per_case, float(fg_fraction), augment
         self.epoch, self._open = 0, {}
