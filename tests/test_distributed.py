@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import torch
@@ -23,6 +24,25 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_in_epoch_2(p, send, timeout=300):
+    """Wait until the run `p` (pipes for stdout and stderr) shows epoch 2's progress bar, then `send` it the signal and
+    wait for it to end: the bar is drawn after the check that ends a run between epochs, so the stop comes inside epoch 2
+    whatever the machine's load (the first epoch's log row alone came before that check: a stop right after it was
+    taken between the epochs). Returns (returncode, stdout, stderr)."""
+    bufs = {"out": [], "err": []}
+    def pump(f, key):
+        for chunk in iter(lambda: os.read(f.fileno(), 4096), b""): bufs[key].append(chunk.decode(errors="replace"))
+    threads = [threading.Thread(target=pump, args=(f, k), daemon=True) for f, k in ((p.stdout, "out"), (p.stderr, "err"))]
+    for t in threads: t.start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None and "epoch 2/2" not in "".join(bufs["err"]):
+        time.sleep(0.01)
+    send()
+    p.wait(timeout=180)
+    for t in threads: t.join(timeout=30)
+    return p.returncode, "".join(bufs["out"]), "".join(bufs["err"])
 
 
 def logged(run):
@@ -57,16 +77,12 @@ def test_two_nodes_train_as_one_node_with_two_processes(tmp_path):
 
 def test_sigterm_stops_after_a_step_and_resume_is_exact(tmp_path):
     args = [*SMALL, "--samples-per-case", "20", "--epochs", "2"]   # 3 training cases x 20 crops: 60 steps an epoch
-    def start(out): return subprocess.Popen([str(BIN / "brats-nb"), "train", *args, "--out", str(out)],
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    def start(out, **kw): return subprocess.Popen([str(BIN / "brats-nb"), "train", *args, "--out", str(out)],
+                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, **kw)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    ps, p = start(straight), start(stopped)   # the run never stopped alongside (one thread each: the same bits)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and len(read_log(stopped)) < 1:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)   # early in the second epoch: as Slurm at a time limit
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-2000:]
+    ps, p = start(straight, text=True), start(stopped)   # the run never stopped alongside (one thread each: the same bits)
+    code, out, err = stop_in_epoch_2(p, lambda: p.send_signal(signal.SIGTERM))   # early in the second epoch: as Slurm at a time limit
+    assert code == 0, err[-2000:]
     ck = read_checkpoint(stopped / "latest.pt")
     assert ck["epoch"] == 0 and 1 <= ck["step"] < 60, (ck["epoch"], ck["step"])   # after epoch 1 and some steps of epoch 2
     assert len(read_log(stopped)) == 1 and "stopped (SIGTERM, in epoch 2)" in out and "done:" not in out
@@ -86,15 +102,11 @@ def test_a_signal_to_the_launcher_stops_every_rank_at_one_step(tmp_path):
     and the resumed run ends with the weights of the run never stopped."""
     args = [*SMALL, "--samples-per-case", "10", "--batch-size", "2", "--epochs", "2", "--threads", "1", "--nproc", "2"]   # 15 steps an epoch
     def start(out, **kw): return subprocess.Popen([str(BIN / "brats-nb"), "train", *args, "--out", str(out)], stdout=subprocess.PIPE,
-                                                  stderr=subprocess.PIPE, text=True, env=ENV, **kw)
+                                                  stderr=subprocess.PIPE, env=ENV, **kw)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    ps, p = start(straight), start(stopped, start_new_session=True)   # the launcher and torchrun in a process group of their own
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and len(read_log(stopped)) < 1:
-        time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGTERM)
-    out, err = p.communicate(timeout=180)
-    assert p.returncode == 0, out[-1500:] + err[-2500:]
+    ps, p = start(straight, text=True), start(stopped, start_new_session=True)   # the launcher and torchrun in a process group of their own
+    code, out, err = stop_in_epoch_2(p, lambda: os.killpg(p.pid, signal.SIGTERM))
+    assert code == 0, out[-1500:] + err[-2500:]
     ck = read_checkpoint(stopped / "latest.pt")
     assert ck["epoch"] == 0 and 1 <= ck["step"] < 15 and ck["partial"]["world"] == 2, (ck["epoch"], ck["step"])
     assert "stopped (the stop file, in epoch 2)" in out
