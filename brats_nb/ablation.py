@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import BratsError, write_text_atomic
+from .core import BratsError, check_apart, write_text_atomic
 from .data import REGIONS
 from .metrics import METRIC_COLUMNS
 from .model import ARMS, build_model, count_parameters, load_model
@@ -254,6 +254,7 @@ def add_cli(sub):
     add_train_options(p, skip=("out",))  # each run's folder is OUT/<arm>_seed<k>
     def run(a):
         cfg = config_from_args(a)
+        check_apart(a.abl_out, [cfg.data or None])
         cores = os.cpu_count() or 1
         if a.jobs == 1 and a.nproc == 1 and cores > 1 and not (cfg.device != "cpu" and torch.cuda.is_available()):
             print(f"tip: this machine has {cores} cores; --jobs {min(cores, 4)} trains that many runs at once, one thread each "

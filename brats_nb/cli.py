@@ -13,18 +13,19 @@ import time
 from pathlib import Path
 
 import brats_nb
-from .core import BratsError
+from .core import BratsError, check_apart
 
 # %% auto #0
 __all__ = ['COMMANDS', 'BENCHES', 'EXPORT_FORMATS', 'CONFIG_KEY', 'EXAMPLE', 'CHECK', 'TOLERANCE', 'ONNX_OPSET', 'ONNX_EXPORTERS',
-           'build_parser', 'main', 'run_demo', 'add_demo_cli', 'make_lesson_model', 'add_lesson_cli',
-           'float32_rounding', 'export_torchscript', 'export_onnx', 'export_safetensors', 'load_safetensors',
-           'export_model', 'add_export_cli']
+           'build_parser', 'main', 'run_demo', 'add_demo_cli', 'make_lesson_model', 'add_lesson_cli', 'model_card',
+           'make_real_model', 'add_real_cli', 'float32_rounding', 'export_torchscript', 'export_onnx',
+           'export_safetensors', 'load_safetensors', 'export_model', 'add_export_cli']
 
 # %% ../nbs/10_cli.ipynb #97259f44
 COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.keypoints", "add_cli"), ("brats_nb.trainer", "add_cli"),
             ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"), ("brats_nb.ablation", "add_cli"),
-            ("brats_nb.cli", "add_demo_cli"), ("brats_nb.cli", "add_lesson_cli"), ("brats_nb.cli", "add_export_cli")]
+            ("brats_nb.cli", "add_demo_cli"), ("brats_nb.cli", "add_lesson_cli"), ("brats_nb.cli", "add_real_cli"),
+            ("brats_nb.cli", "add_export_cli")]
 BENCHES = [("brats_nb.bench", "add_bench_cli"), ("brats_nb.keypoints", "add_bench_cli")]
 
 def _register(table, sub):
@@ -76,6 +77,7 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", seed=0, 
     from brats_nb.inference import evaluate_cases, show_prediction
     from brats_nb.trainer import config_cases, plot_curves, preset, train
     t0 = time.perf_counter()
+    check_apart(out_dir, [data])
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     root = Path(data) if data else samples_dir()
     find_cases(root)  # a bad folder fails here, before any work
@@ -158,6 +160,79 @@ def add_lesson_cli(sub):
     p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0)")
     p.add_argument("--work", default=None, help="folder for the training run (default: a temporary folder)")
     p.set_defaults(func=lambda a: make_lesson_model(a.out, a.seed, a.work) and 0)
+
+# %% ../nbs/10_cli.ipynb #6560818d
+def model_card(state, cv=None, notes=None):
+    "The model card (markdown) of a slim real-data checkpoint `state`; `cv` and `notes` (markdown texts) are quoted."
+    t, cases = state["config"]["train"], state["cases"]
+    crops = t["epochs"] * t["samples_per_case"] * len(cases)
+    lines = [f"# Model card: {state['name']}", "",
+             "A 3D brain tumour segmentation network (Zhu et al. 2024: DMFNet with MIE, SIE and BSC; the "
+             f"`{t['variant']}` arm) trained by brats_nb's laptop recipe on real BraTS scans. It labels necrotic core, "
+             "edema and enhancing tumour in a skull-stripped, co-registered four-modality MRI (T1, T1ce, T2, FLAIR).", "",
+             "## Not for clinical use",
+             "A teaching and research model, trained in minutes on a laptop from a handful of cases. It must not be used to "
+             "diagnose, treat, plan or monitor any patient, nor to make any decision about a person. Its errors are not "
+             "characterised beyond the cross-validation below.", "",
+             "## Training data", f"{len(cases)} labelled cases: " + ", ".join(f"`{c}`" for c in cases) + ".", "",
+             "## Recipe", f"Made by `{state['made_by']}`: {state['train_s'] / 60:.1f} min of training epochs on up to {state['threads']} CPU threads "
+             f"(brats_nb {state['brats_nb']}, torch {state['torch']}).", "",
+             f"`preset('laptop')`: each case resampled to {t['spacing']:g} mm and cut to the brain (the training cache), "
+             f"{t['crop_size']}³ crops, batch {t['batch_size']}, {t['epochs']} epochs of {t['samples_per_case']} crops per case "
+             f"({crops} crops), {t['fg_fraction']:g} of them centred on a tumour class drawn uniformly "
+             f"(`fg_balance={t['fg_balance']!r}`), network width {t['channels']}/{t['mid_channels']} ({t['norm']} norm), "
+             f"Adam lr {t['lr']:g} with poly decay, generalised Dice + {t['ce_weight']:g} cross-entropy + "
+             f"{t['bsc_weight']:g} BSC after {t['bsc_warmup']} epochs; float16 weights ({state['parameters']} parameters).", "",
+             f"Prediction (`brats-nb predict`): through a {t['spacing']:g} mm copy in sliding {t['crop_size']}³ windows, "
+             "the probabilities resampled to the input's grid, labels written at full resolution in the input's space "
+             "and convention."]
+    if cv: lines += ["", "## Cross-validated scores", cv.strip()]
+    if notes: lines += ["", "## Sources and licences of the data", notes.strip()]
+    return "\n".join(lines) + "\n"
+
+# %% ../nbs/10_cli.ipynb #497147ab
+def make_real_model(data, out=None, work=None, seed=0, epochs=None, cv=None, notes=None, log=print):
+    """Train the laptop recipe on every labelled case of the BraTS folder `data` (nothing is written into it) and write
+    the model slim (float16 weights, configuration, case ids, log) to `out` (default: brats_nb/assets/real_laptop.pt)
+    with its model card beside it (`.md`; `cv` and `notes` are markdown files it quotes). Returns the path."""
+    import tempfile
+    import torch
+    from brats_nb.core import write_text_atomic
+    from brats_nb.model import REAL_FILE, read_checkpoint, save_checkpoint
+    from brats_nb.trainer import config_cases, preset, read_log, train
+    out = check_apart(Path(out) if out else Path(brats_nb.__file__).parent / "assets" / REAL_FILE, [data])
+    if not out.parent.is_dir(): raise BratsError(f"{out.parent}: no such folder (to write {out.name} into)")
+    texts = {k: Path(v).read_text() if v else None for k, v in (("cv", cv), ("notes", notes))}   # a missing file fails now
+    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="brats_nb_real_"))
+    cfg = preset("laptop", data=str(data), out=str(work / "run"), seed=seed, val_fraction=0.0, val_every=0,
+                 **({"epochs": epochs} if epochs else {}))
+    cases = [Path(c).name for c in config_cases(cfg)[0]]
+    log(f"training the laptop recipe on {len(cases)} cases of {data} ({cfg.epochs} epochs) ...")
+    train(cfg, resume=(work / "run" / "latest.pt").exists(), quiet=True)   # a finished run in `work` is taken as it is
+    ck, log_rows = read_checkpoint(work / "run" / "latest.pt"), read_log(work / "run")
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["model"].items()}
+    state = dict(model=weights, config=dict(ck["config"], train=cfg.to_dict()), log=log_rows, cases=cases, name=out.stem,
+                 made_by="brats-nb real-model --data BRATS_DIR" + (f" --seed {seed}" if seed else "") + (f" --epochs {epochs}" if epochs else ""),
+                 brats_nb=brats_nb.__version__, torch=str(torch.__version__), train_s=sum(r["epoch_s"] for r in log_rows),
+                 threads=max(int(r["threads"]) for r in log_rows), parameters=sum(v.numel() for v in weights.values() if v.is_floating_point()))
+    save_checkpoint(out, **state)
+    write_text_atomic(out.with_suffix(".md"), model_card(state, texts["cv"], texts["notes"]))
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and its model card {out.with_suffix('.md')}")
+    return out
+
+def add_real_cli(sub):
+    p = sub.add_parser("real-model", help="train the laptop recipe on a real BraTS folder and write a slim model with its model card",
+                       description="Train preset('laptop') on every labelled case of --data (full resolution; its 2 mm training "
+                                   "cache goes to the brats_nb cache, nothing into the data folder) and write the model slim "
+                                   "(float16) with a model card beside it. Without --out it replaces the shipped real-data model.")
+    p.add_argument("--data", required=True, help="a BraTS folder (either naming; case folders anywhere below it)")
+    p.add_argument("--out", default=None, help="where to write the model (default: brats_nb/assets/real_laptop.pt)")
+    p.add_argument("--work", default=None, help="folder for the training run (default: a temporary folder; give one to resume)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, crops and augmentation (default 0)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the laptop preset's)")
+    p.add_argument("--cv", default=None, help="a markdown file of cross-validated scores to quote in the model card")
+    p.add_argument("--notes", default=None, help="a markdown file on the data's sources and licences to quote in the model card")
+    p.set_defaults(func=lambda a: make_real_model(a.data, a.out, a.work, a.seed, a.epochs, a.cv, a.notes) and 0)
 
 # %% ../nbs/10_cli.ipynb #2b886ff5
 EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")

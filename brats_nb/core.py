@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['NORMS', 'BratsError', 'atomic_path', 'write_text_atomic', 'pick_device', 'amp_dtype', 'autocast', 'run_slow',
-           'run_cuda', 'real_data', 'available_cpus', 'ThreadGovernor', 'notebook_threads', 'bbox', 'format_table',
-           'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer', 'act_layer', 'init_weights']
+__all__ = ['NORMS', 'BratsError', 'atomic_path', 'write_text_atomic', 'check_apart', 'pick_device', 'amp_dtype', 'autocast',
+           'run_slow', 'run_cuda', 'real_data', 'available_cpus', 'ThreadGovernor', 'notebook_threads', 'bbox',
+           'format_table', 'check_norm', 'check_spatial_dims', 'conv_class', 'norm_layer', 'act_layer', 'init_weights']
 
 # %% ../nbs/00_core.ipynb #a79e28ef
 class BratsError(ValueError):
@@ -43,6 +43,18 @@ def write_text_atomic(path, text):
     "Write `text` to `path` atomically; returns the path."
     with atomic_path(path) as tmp: Path(tmp).write_text(text)
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #59021ccb
+def check_apart(out, inputs, option="--out"):
+    """Raise a BratsError when the output `out` (a folder or file) is, lies inside, or holds one of the folders `inputs`
+    (None entries are skipped); returns `out` as a Path."""
+    o = Path(out).expanduser().resolve()
+    for i in inputs:
+        if i is None: continue
+        p = Path(i).expanduser().resolve()
+        how = "is" if o == p else "lies inside" if p in o.parents else "holds" if o in p.parents else None
+        if how: raise BratsError(f"{option} {out} {how} the input folder {i}: brats_nb never writes where it reads; choose an output apart from it")
+    return Path(out)
 
 # %% ../nbs/00_core.ipynb #d0ee26aa
 def pick_device(device="auto"):

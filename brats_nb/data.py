@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import BratsError, atomic_path, bbox
+from .core import BratsError, atomic_path, bbox, check_apart
 
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
@@ -905,6 +905,7 @@ def add_cli(sub):
     p.add_argument("--margin", type=int, default=4, help="voxels kept around the brain (default 4)")
     def run(a):
         if a.spacing <= 0: raise BratsError(f"--spacing must be positive, got {a.spacing}")
+        check_apart(a.out, [a.data_dir])      # `--out DATA_DIR` would replace the originals with their copies
         dirs = downsample_folder(a.data_dir, a.out, a.spacing, a.margin)
         print(f"wrote {len(dirs)} cases under {Path(a.out).resolve()}")
     p.set_defaults(func=run)

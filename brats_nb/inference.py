@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import BratsError, ThreadGovernor, amp_dtype, autocast, pick_device
+from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, pick_device
 from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
                            classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, windowed, take_slice, png_bytes,
                            tumour_centre, et_label, n_classes, ERROR_COLORS, CONVENTIONS)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
-from .model import load_model
+from .model import load_model, real_checkpoint
 
 # %% auto #0
 __all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'drop_coreless',
@@ -130,11 +130,18 @@ def argmax_classes(probs, mask=None):
 
 def predict_case(model, case, out_path=None, tta=False, sliding_window=False, postprocess=True, et_threshold=500,
                  convention=None, roi_size=128, overlap=0.5, sw_batch_size=1, device=None, amp=False, return_probs=False,
-                 mask_background=True, need_core=False):
+                 mask_background=True, need_core=False, spacing=0.0):
     """Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path` if given.
     With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network says;
-    with `need_core`, tumour components without a core are dropped (`drop_coreless`)."""
+    with `need_core`, tumour components without a core are dropped (`drop_coreless`). With `spacing` > 0 (a model
+    trained at that resolution, the laptop recipe) the network sees a copy resampled to it (`predict_resampled`)."""
     if not isinstance(case, Case): case = load_case(case, load_label=False)   # a prediction needs no ground truth
+    if spacing:
+        if return_probs or not mask_background:
+            raise BratsError(f"a prediction through a {spacing:g} mm copy returns labels only and keeps the background outside the brain")
+        return predict_resampled(model, case, spacing, out_path=out_path, postprocess=postprocess, et_threshold=et_threshold,
+                                 convention=convention, device=device, amp=amp, need_core=need_core, tta=tta,
+                                 sliding_window=sliding_window, roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
     convention = convention or case.label_convention
     et_label(convention)
     probs = predict_volume(model, normalize(case.image), tta=tta, sliding_window=sliding_window, roi_size=roi_size,
@@ -200,6 +207,7 @@ class EvalProtocol:
     hd95: bool = False            # also the 95th-percentile Hausdorff distance (slower)
     mask_background: bool = True  # background wherever every modality is 0
     need_core: bool = False       # drop tumour components without a core voxel (`drop_coreless`)
+    spacing: float = 0.0          # > 0: predict through a copy resampled to this many mm (a laptop-recipe model), label at full resolution
 
     @property
     def name(self):
@@ -208,13 +216,14 @@ class EvalProtocol:
         if self.tta: parts.append("8-flip TTA")
         if self.postprocess: parts.append(f"ET < {self.et_threshold} voxels relabelled")
         if self.need_core: parts.append("tumour without a core dropped")
+        if self.spacing: parts.insert(0, f"through a {self.spacing:g} mm copy")
         return ", ".join(parts)
 
     def predict_kwargs(self):
         "The keyword arguments of `predict_case` for this protocol."
         return dict(tta=self.tta, sliding_window=self.sliding_window, roi_size=self.roi_size, overlap=self.overlap,
                     postprocess=self.postprocess, et_threshold=self.et_threshold, mask_background=self.mask_background,
-                    need_core=self.need_core)
+                    need_core=self.need_core, **(dict(spacing=self.spacing) if self.spacing else {}))
 
 # %% ../nbs/08_inference.ipynb #73761531
 def case_means(rows):
@@ -370,21 +379,27 @@ def tta_uncertainty(model, case, region="WT", device=None):
 
 # %% ../nbs/08_inference.ipynb #f93af999
 def add_cli(sub):
-    p = sub.add_parser("predict", help="predict label maps for the cases of a folder with a trained checkpoint",
-                       description="Predict every case of DATA_DIR with the network of CHECKPOINT and write OUT_DIR/<case>.nii.gz "
-                                   "(the input's affine and header, labels in the input's convention: ET = 4 for BraTS 2017-2021 "
-                                   "files, 3 for 2023 files).")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a brats_nb checkpoint (best.pt or latest.pt of a training run)")
+    p = sub.add_parser("predict", help="predict label maps for the cases of a folder (with a trained checkpoint, or the shipped real-data model)",
+                       description="Predict every case of DATA_DIR with the network of CHECKPOINT (default: the real-data model that "
+                                   "ships with brats_nb) and write OUT_DIR/<case>.nii.gz (the input's affine and header, labels in "
+                                   "the input's convention: ET = 4 for BraTS 2017-2021 files, 3 for 2023 files). A model trained at a "
+                                   "reduced resolution (the laptop preset) predicts through a copy at that resolution, in sliding "
+                                   "windows of its crop, and writes full resolution: its checkpoint says how.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?", default=None,
+                   help="a brats_nb checkpoint (best.pt or latest.pt of a training run); default: the shipped real-data model")
     p.add_argument("data_dir", metavar="DATA_DIR", help="a BraTS case folder or a folder of cases")
     p.add_argument("--out", required=True, help="output folder for <case>.nii.gz")
     p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips (8 times slower)")
     p.add_argument("--sliding-window", action="store_true", help="predict in overlapping windows (less memory) instead of the whole volume")
-    p.add_argument("--roi-size", type=int, default=128, help="sliding window size, a multiple of 16 (default 128)")
+    p.add_argument("--roi-size", type=int, default=None, help="sliding window size, a multiple of 16 (default: the model's crop for "
+                                                                   "a reduced-resolution model, else 128)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding window overlap in [0, 1) (default 0.5)")
-    p.add_argument("--et-threshold", type=int, default=500, help="fewer predicted ET voxels than this become label 1 (default 500; 0 disables)")
+    p.add_argument("--et-threshold", type=int, default=None, help="fewer predicted ET voxels than this become label 1 (default: the "
+                                                                       "checkpoint's training configuration's, else 500; 0 disables)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the ET post-processing")
     p.add_argument("--no-brain-mask", action="store_true", help="keep tumour labels outside the brain (voxels where every modality is 0)")
-    p.add_argument("--drop-coreless", action="store_true", help="drop predicted tumour components that hold no core (NCR or ET) voxel, as the demo does")
+    p.add_argument("--drop-coreless", action="store_true", help="drop predicted tumour components that hold no core (NCR or ET) voxel, as "
+                                                                 "the demo does (default: as the checkpoint's configuration says)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on a GPU")
     p.add_argument("--variant", default=None, help="refuse a checkpoint of another variant")
@@ -392,23 +407,34 @@ def add_cli(sub):
                    help="label numbering of the written predictions (default: the data's: brats2017 for the 2017-2021 file names, "
                         "brats2023 for 2023+, msd for a Decathlon task)")
     p.add_argument("--downsampled", type=float, default=None, metavar="MM",
-                   help="the model was trained on `brats-nb downsample --spacing MM` copies: predict through such a copy, write full resolution")
+                   help="the model was trained on `brats-nb downsample --spacing MM` copies: predict through such a copy, write full "
+                        "resolution (default: the training spacing the checkpoint records; 0 for none)")
     def run(a):
         device = pick_device(a.device)
         if device.type == "cpu": ThreadGovernor().update()   # the cores other processes leave idle (or OMP_NUM_THREADS)
-        if a.et_threshold < 0: raise BratsError(f"--et-threshold must be >= 0, got {a.et_threshold}")
+        if a.et_threshold is not None and a.et_threshold < 0: raise BratsError(f"--et-threshold must be >= 0, got {a.et_threshold}")
         cases = find_cases(a.data_dir)  # bad data fails before the model is loaded and before anything is written
-        model, config = load_model(a.checkpoint, device=device, variant=a.variant)
+        check_apart(a.out, [a.data_dir])
+        ckpt = a.checkpoint or real_checkpoint()
+        if a.checkpoint is None:
+            print(f"no CHECKPOINT given: using the real-data model shipped with brats_nb ({ckpt}; its model card: "
+                  f"{ckpt.with_suffix('.md').name} beside it). A teaching and research model: not for clinical use.")
+        model, config = load_model(ckpt, device=device, variant=a.variant)
+        train_cfg = config.get("train", {})
+        spacing = float(train_cfg.get("spacing") or 0) if a.downsampled is None else a.downsampled
+        if spacing < 0 or (spacing and a.no_brain_mask):
+            raise BratsError("--downsampled needs a spacing in mm >= 0, and a reduced-resolution model predicts inside the brain only "
+                             "(no --no-brain-mask)")
+        sliding = a.sliding_window or bool(spacing and a.roi_size is None and train_cfg.get("crop_size"))   # the crops it saw
+        roi = a.roi_size or (int(train_cfg.get("crop_size", 128)) if spacing else 128)
         print(f"{len(cases)} cases, model {config.get('model', {}).get('variant', '?')} on {device}, "
-              f"{'8-flip TTA' if a.tta else 'no TTA'}, {'sliding window ' + str(a.roi_size) if a.sliding_window else 'whole volume'}")
-        if a.downsampled is not None and (a.downsampled <= 0 or a.no_brain_mask):
-            raise BratsError("--downsampled needs a positive spacing in mm, and predicts inside the brain only (no --no-brain-mask)")
-        kw = dict(tta=a.tta, sliding_window=a.sliding_window, roi_size=a.roi_size, overlap=a.overlap, postprocess=not a.no_postprocess,
-                  et_threshold=a.et_threshold, device=device, amp=a.amp, convention=a.convention, need_core=a.drop_coreless)
-        if a.downsampled is None: paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, **kw)
-        else:
-            paths = [Path(a.out) / f"{c.name}.nii.gz" for c in cases]
-            for c, p in zip(cases, paths): predict_resampled(model, c, a.downsampled, out_path=p, **kw)
+              f"{'8-flip TTA' if a.tta else 'no TTA'}, {'sliding window ' + str(roi) if sliding else 'whole volume'}"
+              + (f", through a {spacing:g} mm copy" if spacing else ""))
+        et_threshold = int(train_cfg.get("et_threshold", 500)) if a.et_threshold is None else a.et_threshold
+        kw = dict(tta=a.tta, sliding_window=sliding, roi_size=roi, overlap=a.overlap, postprocess=not a.no_postprocess and et_threshold > 0,
+                  et_threshold=et_threshold, device=device, amp=a.amp, convention=a.convention,
+                  need_core=a.drop_coreless or bool(train_cfg.get("need_core", False)))
+        paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, spacing=spacing, **kw)
         print(f"wrote {len(paths)} predictions to {Path(a.out).resolve()}")
     p.set_defaults(func=run)
 

@@ -20,10 +20,11 @@ import torch
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from .core import BratsError, atomic_path, bbox, pick_device
+from .core import BratsError, atomic_path, bbox, check_apart, pick_device
 from .data import (REGIONS, Case, read_nifti, find_cases, load_case, labels_to_regions, save_nifti,
                            case_files, take_slice, windowed, png_bytes, AXES, get_convention, CONVENTIONS,
-                           brain_box, normalize, labels_to_classes, augment_batch, check_classes, convention_of_label)
+                           brain_box, normalize, labels_to_classes, augment_batch, check_classes, convention_of_label,
+                           downsample_case)
 from .synth import samples_dir
 
 # %% auto #0
@@ -443,22 +444,26 @@ def _worker(args):
     d, kw = args
     try:
         if kw.get("cache_dir") is not None: return str(d), cache_case(d, **kw)[0], None   # the training cache
-        return str(d), preprocess_case(d, **{k: v for k, v in kw.items() if k != "cache_dir"}), None   # beside the case
+        return str(d), preprocess_case(d, **{k: v for k, v in kw.items() if k not in ("cache_dir", "spacing")}), None   # beside the case
     except Exception as e: return str(d), "failed", f"{type(e).__name__}: {e}"
 
 # %% ../nbs/05_keypoints.ipynb #04a593ba
 def preprocess(data_dir, workers=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None,
-               progress=True, convention=None, cache_dir=None) -> dict:
+               progress=True, convention=None, cache_dir=None, spacing=0.0) -> dict:
     """Key point maps of every labelled case under `data_dir`, in `workers` processes (default: CPU count, at most 8).
-    With `cache_dir`, the training cache entries (`cache_case`) go there and nothing is written beside the cases.
+    With `cache_dir`, the training cache entries (`cache_case`, at `spacing` mm when > 0) go there and nothing is written
+    beside the cases.
     Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
     import multiprocessing as mp
     from tqdm.auto import tqdm
     dirs = [Path(c) for c in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)   # a folder, or case folders
+    if cache_dir is not None: check_apart(cache_dir, [*dirs, None if isinstance(data_dir, (list, tuple)) else data_dir], "the training cache")
     _params(n, t, radius, seed)  # fail early on bad values
     if convention: get_convention(convention)
+    if not spacing >= 0: raise BratsError(f"preprocess: spacing must be >= 0 mm (0: the data's own), got {spacing}")
+    if spacing and cache_dir is None: raise BratsError("preprocess: a spacing needs the training cache (cache_dir); nothing is written beside the cases")
     kw = dict(n=n, t=t, radius=radius, seed=seed, force=force, device=device, convention=convention,
-              cache_dir=None if cache_dir is None else Path(cache_dir))
+              cache_dir=None if cache_dir is None else Path(cache_dir), **(dict(spacing=spacing) if spacing else {}))
     workers = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
     if workers < 1: raise BratsError(f"preprocess: workers must be at least 1, got {workers}")
     out = dict(written=[], skipped=[], unlabelled=[], failed={})
@@ -490,11 +495,15 @@ def default_cache_dir():
     "Where `brats-nb preprocess` and training put the training cache unless told otherwise."
     return cache_root() / "train"
 
-def cache_settings(n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention=None, margin=4, dtype="float16"):
-    "Everything a cache entry depends on besides the case's files (part of its key)."
+def cache_settings(n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention=None, margin=4, dtype="float16", spacing=0.0):
+    """Everything a cache entry depends on besides the case's files (part of its key). `spacing` > 0: the entry holds the
+    case resampled to about that many mm (`downsample_case`), as the laptop recipe trains; 0 keeps the data's own."""
     if dtype not in ("float16", "float32"): raise BratsError(f"cache dtype {dtype!r}: use float16 or float32")
-    return dict(keypoints=_params(n, t, radius, seed), convention=convention or "", margin=int(margin), dtype=dtype,
-                normalize="percentile 0.2-99.8, z-score in the brain", cache_version=CACHE_VERSION)
+    if not spacing >= 0: raise BratsError(f"cache spacing must be >= 0 mm (0: the data's own), got {spacing}")
+    s = dict(keypoints=_params(n, t, radius, seed), convention=convention or "", margin=int(margin), dtype=dtype,
+             normalize="percentile 0.2-99.8, z-score in the brain", cache_version=CACHE_VERSION)
+    if spacing: s["spacing"] = float(spacing)   # only when set: the entries of full-resolution caches keep their keys
+    return s
 
 def _sources(files):
     "The files of a case with their size and modification time (to find its entry again without hashing)."
@@ -525,18 +534,22 @@ def find_cache_entry(case_dir, cache_dir=None, settings=None):
 
 # %% ../nbs/05_keypoints.ipynb #805dde03
 def cache_case(case_dir, cache_dir=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention=None, margin=4,
-               dtype="float16", force=False, device=None):
+               dtype="float16", force=False, device=None, spacing=0.0):
     """Write the training cache entry of one labelled case: the normalised image cut to the brain's bounding box
     (`dtype`), its label and its key point maps, as `.npy` files (memory-mappable) with `meta.json`, in
-    `cache_dir/<case>-<content hash>/`, atomically. Nothing is written beside the case. Returns (status, entry folder):
-    'written', 'skipped' (up to date) or 'unlabelled'."""
-    cache_dir, settings = Path(cache_dir or default_cache_dir()), cache_settings(n, t, radius, seed, convention, margin, dtype)
+    `cache_dir/<case>-<content hash>/`, atomically. Nothing is written beside the case. With `spacing` > 0 the case is
+    first resampled to about that many mm (`downsample_case`: the laptop recipe's copies, made here, not in the data
+    folder). Returns (status, entry folder): 'written', 'skipped' (up to date) or 'unlabelled'."""
+    settings = cache_settings(n, t, radius, seed, convention, margin, dtype, spacing)
+    cache_dir = Path(cache_dir or default_cache_dir())
     files = case_files(case_dir)
     if files.seg is None: return "unlabelled", None
     if not force and (d := find_cache_entry(case_dir, cache_dir, settings)) is not None: return "skipped", d
     src = _sources(files)                                        # read before the files, so that a change meanwhile is redone
     key = cache_key(files, settings)
     case = load_case(case_dir, label_convention=convention)
+    source_shape = list(case.shape)
+    if spacing: case = downsample_case(case, spacing, margin)
     box = brain_box(case.image, margin)
     image = normalize(case.image)[(slice(None), *box)].astype(dtype)
     maps, info = select_keypoints(case, n, t, radius, seed, device=device)
@@ -549,7 +562,8 @@ def cache_case(case_dir, cache_dir=None, n=(300, 200, 100), t=100, radius=(2, 1,
         np.save(tmp / "keypoints.npy", np.ascontiguousarray(maps[(slice(None), *box)]))
         meta = dict(name=files.name, source=str(Path(case_dir).resolve()), sources=src, settings=settings, key=key,
                     label_convention=case.label_convention, box=[[s.start, s.stop] for s in box], shape=list(case.shape),
-                    spacing=list(case.spacing), affine=case.affine.tolist(), iou={r: info[r]["iou"] for r in REGIONS})
+                    spacing=list(case.spacing), affine=case.affine.tolist(), iou={r: info[r]["iou"] for r in REGIONS},
+                    source_shape=source_shape)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists(): shutil.rmtree(final)                  # force, or a stale half (cannot happen: we rename whole folders)
         os.rename(tmp, final)                                    # the entry appears whole, or not at all
@@ -569,36 +583,48 @@ def read_cache_entry(entry):
 class CachedDataset(torch.utils.data.Dataset):
     """Random training crops read from training cache entries through memory maps: the CPU's work per crop is a slice of
     each array. Dicts with `image` (C, *crop) float32, `label` (classes, *crop), `keypoints` (3, *crop), `case`. With
-    `augment`, the training augmentation (`augment_batch`) runs here on the CPU; without, on the training device."""
-    def __init__(self, entries, crop_size=128, seed=0, samples_per_case=1, fg_fraction=0.0, n_classes=3, augment=False):
+    `augment`, the training augmentation (`augment_batch`) runs here on the CPU; without, on the training device.
+    A share `fg_fraction` of the crops is centred on a tumour voxel: any (`fg_balance="tumour"`), or one of a tissue class
+    drawn uniformly among the classes the case holds (`"class"`, as nnU-Net samples foreground per class)."""
+    def __init__(self, entries, crop_size=128, seed=0, samples_per_case=1, fg_fraction=0.0, n_classes=3, augment=False,
+                 fg_balance="tumour"):
+        if fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {fg_balance!r}: use tumour or class")
         self.entries = [Path(e) for e in entries]
         if not self.entries: raise BratsError("CachedDataset: no cache entries given")
         self.metas = [read_cache_entry(e)["meta"] for e in self.entries]
         for e, m in zip(self.entries, self.metas): check_classes(e, m["label_convention"], n_classes)
         self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
         self.seed, self.samples_per_case, self.fg_fraction, self.augment = seed, samples_per_case, float(fg_fraction), augment
-        self.epoch, self._open = 0, {}
+        self.fg_balance, self.n_classes, self.epoch, self._open = fg_balance, n_classes, 0, {}
 
     def __len__(self): return len(self.entries) * self.samples_per_case
     def set_epoch(self, epoch): self.epoch = epoch
 
     def arrays(self, i):
-        "The memory maps of entry `i`, its class lookup table and its tumour voxels (opened once per process)."
+        "The memory maps of entry `i`, its class lookup table and its tumour voxels, by class (opened once per process)."
         if i not in self._open:
             a = read_cache_entry(self.entries[i])
             lut = np.zeros(256, np.uint8)
             conv = self.metas[i]["label_convention"]
             values = np.array(sorted(get_convention(conv).values), np.uint8)
             lut[values] = labels_to_classes(values, conv)
-            a["lut"], a["fg"] = lut, (np.flatnonzero(np.asarray(a["label"])) if self.fg_fraction > 0 else None)
+            a["lut"], a["fg"] = lut, (self.tumour_voxels(lut[np.asarray(a["label"])]) if self.fg_fraction > 0 else None)
             self._open[i] = a
         return self._open[i]
 
+    def tumour_voxels(self, classes):
+        "Pools of flat indices to centre crops on: all tumour voxels, or one pool per tissue class present (`fg_balance`)."
+        if self.fg_balance == "tumour": return [np.flatnonzero(classes)]
+        flat = classes.ravel()
+        return [p for c in range(1, self.n_classes + 1) if len(p := np.flatnonzero(flat == c))]
+
     def start(self, rng, shape, fg):
-        "The crop's corner: centred on a random tumour voxel with probability `fg_fraction`, else uniform (as `RandTumourCropd`)."
+        """The crop's corner: with probability `fg_fraction` centred on a random voxel of a pool of `fg` (a pool drawn
+        uniformly when there are several), else uniform (as `RandTumourCropd`)."""
         size = self.crop_size
-        if self.fg_fraction > 0 and rng.random() < self.fg_fraction and len(fg):
-            c = np.unravel_index(fg[rng.integers(len(fg))], shape)
+        if self.fg_fraction > 0 and rng.random() < self.fg_fraction and len(fg) and len(fg[0]):
+            pool = fg[0] if len(fg) == 1 else fg[rng.integers(len(fg))]
+            c = np.unravel_index(pool[rng.integers(len(pool))], shape)
             return [int(min(max(int(c[k]) - s // 2, 0), max(shape[k] - s, 0))) for k, s in enumerate(size)]
         return [int(rng.integers(0, max(shape[k] - s, 0) + 1)) for k, s in enumerate(size)]
 

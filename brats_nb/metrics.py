@@ -16,7 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy import ndimage
 
-from .core import BratsError, atomic_path, bbox
+from .core import BratsError, atomic_path, bbox, check_apart
 from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions,
                            get_convention, read_nifti, brain_mask, Case, CONVENTIONS, detect_label_convention,
                            check_label_values, _KEY_RE)
@@ -460,6 +460,7 @@ def add_cli(sub):
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     def run(a):
         out = Path(a.out) if a.out else Path(a.pred_dir) / "metrics.csv"
+        check_apart(out, [a.data_dir])      # the ground truth folder is only read
         rows, summary = evaluate_folder(a.pred_dir, a.data_dir, out, mode=a.hd_mode, verbose=not a.quiet, lesionwise=a.lesionwise,
                                         convention=a.convention, challenge=a.challenge)
         print(f"{len(rows)} cases\n{format_summary(summary)}\nwrote {out}")

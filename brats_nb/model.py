@@ -20,10 +20,10 @@ from .mie import MIE
 from .sie import SIE
 
 # %% auto #0
-__all__ = ['ARMS', 'VARIANTS', 'CHECKPOINT_FORMAT', 'LESSON_FILE', 'ConvBlock', 'MFUnit', 'DMFUnit', 'arm_network',
+__all__ = ['ARMS', 'VARIANTS', 'CHECKPOINT_FORMAT', 'LESSON_FILE', 'REAL_FILE', 'ConvBlock', 'MFUnit', 'DMFUnit', 'arm_network',
            'arm_uses_bsc', 'check_variant', 'DMFNet', 'build_model', 'count_parameters', 'reference_parameters',
            'conv_macs', 'save_checkpoint', 'read_checkpoint', 'use_channels_last', 'load_model', 'lesson_checkpoint',
-           'lesson_model']
+           'lesson_model', 'real_checkpoint', 'real_model_card']
 
 # %% ../nbs/04_dmfnet.ipynb #327b2ce6
 def _tuple(v, n): return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
@@ -281,3 +281,18 @@ def lesson_model(device="cpu"):
     ck = read_checkpoint(path)
     model, config = load_model(path, device=device)
     return model, dict(config=config, log=ck.get("log", []), heldout=ck.get("heldout", {}), made_by=ck.get("made_by", ""))
+
+# %% ../nbs/04_dmfnet.ipynb #2af65a69
+REAL_FILE = "real_laptop.pt"
+
+def real_checkpoint():
+    "Path of the real-data model that ships with brats_nb (made by `brats-nb real-model`; its card: `real_model_card()`)."
+    p = Path(brats_nb.__file__).parent / "assets" / REAL_FILE
+    if not p.is_file(): raise BratsError(f"{p}: missing; `brats-nb real-model --data BRATS_DIR --out {p}` makes one from a BraTS folder")
+    return p
+
+def real_model_card():
+    "The model card (markdown) of the shipped real-data model: its data, recipe, cross-validated scores and limits."
+    p = real_checkpoint().with_suffix(".md")
+    if not p.is_file(): raise BratsError(f"{p}: the model card of {p.with_suffix('.pt').name} is missing")
+    return p.read_text()

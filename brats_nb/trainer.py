@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_norm, pick_device
+from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, check_norm, pick_device
 from .data import BratsDataset, REGIONS, augment_batch, find_cases, label_convention_of, n_classes, class_regions
 from .synth import heldout_dir, samples_dir
 from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
@@ -84,6 +84,10 @@ class TrainConfig:
     split_seed: int = 0         # the train/validation split (kept apart from `seed`, so that seeds share one split)
     max_cases: int = 0          # use only the first N cases (0: all); for quick trials
     convention: str = ""        # label convention of the data ('': read from the first case); sets the network's classes (RC, CC: one more)
+    spacing: float = 0.0        # training resolution in mm: 0 the data's own; > 0 the cache holds copies resampled to it, and prediction goes through one (laptop preset 2)
+    fg_balance: str = "tumour"  # tumour-centred crops centre on any tumour voxel, or (class) on a class drawn uniformly among the case's (laptop preset; cache only)
+    et_threshold: int = 500     # prediction (`brats-nb predict` of this run): fewer ET voxels than this become NCR (the paper's 500; laptop: cross-validated)
+    need_core: bool = False     # prediction: drop tumour components that hold no core voxel (NCR or ET)
 
     @property
     def model_variant(self): return arm_network(self.variant)
@@ -113,13 +117,18 @@ class TrainConfig:
         check_norm(self.norm); self.mie_norm == "same" or check_norm(self.mie_norm)
         if self.convention: n_classes(self.convention)          # known, and trainable
         if self.augment_on not in ("loader", "device"): raise BratsError(f"augment_on {self.augment_on!r}: use loader or device")
+        if self.et_threshold < 0: raise BratsError(f"et_threshold {self.et_threshold} must be >= 0 (0: no ET rule)")
+        if not self.spacing >= 0: raise BratsError(f"spacing {self.spacing} must be >= 0 mm (0: the data's own resolution)")
+        if self.fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {self.fg_balance!r}: use tumour or class")
+        if (self.spacing or self.fg_balance == "class") and not self.cache_dir:
+            raise BratsError("spacing and fg_balance 'class' work on the training cache: set cache_dir ('auto' or a folder)")
         return self
 
     def val_protocol(self):
         """How validation predicts and scores (see `08_inference`). A model with group or instance norm is judged on
         sliding windows of its training crop size (the statistics it was trained with), one with batch norm whole."""
         sliding = self.val_window == "sliding" or (self.val_window == "auto" and check_norm(self.norm) in ("group", "instance"))
-        return EvalProtocol(sliding_window=sliding, roi_size=self.crop_size, tta=self.val_tta)
+        return EvalProtocol(sliding_window=sliding, roi_size=self.crop_size, tta=self.val_tta, spacing=self.spacing)
 
     def to_dict(self): return asdict(self)
     def save(self, path): Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -143,6 +152,9 @@ PRESETS = {
     "cpu": dict(channels=8, mid_channels=16, groups=4, norm="group", crop_size=64, batch_size=1, epochs=24, workers=0, cache=True,
                 samples_per_case=2, lr=3e-3, val_every=12, ce_weight=1.0, fg_fraction=0.5, bsc_warmup=5, mie_residual=True),
 }
+# real full-resolution BraTS on a laptop: the CPU recipe on a 2 mm training cache, more crops, class-balanced tumour crops
+PRESETS["laptop"] = dict(PRESETS["cpu"], spacing=2.0, cache_dir="auto", augment_on="loader", batch_size=2, samples_per_case=12,
+                         epochs=15, val_every=15, fg_balance="class", bsc_warmup=3)
 
 def preset(name="paper", **overrides):
     "A `TrainConfig` from a named preset with some fields changed."
@@ -333,15 +345,15 @@ def prepare_cache(cfg, cases, d: Dist):
     """The training cache entries of `cases` (`cfg.cache_dir`; 'auto': the default folder), written where missing by rank 0
     (in parallel when there are many; `brats-nb preprocess` does it beforehand); every rank gets the entry folders."""
     cdir = default_cache_dir() if cfg.cache_dir == "auto" else Path(cfg.cache_dir)
-    conv = cfg.convention or None
+    conv, settings = cfg.convention or None, cache_settings(convention=cfg.convention or None, spacing=cfg.spacing)
     if d.main:
-        missing = [c for c in cases if find_cache_entry(c, cdir, cache_settings(convention=conv)) is None]
+        missing = [c for c in cases if find_cache_entry(c, cdir, settings) is None]
         if missing:
             s = preprocess(missing, workers=min(len(missing), os.cpu_count() or 1, 8), progress=len(missing) >= 20, convention=conv,
-                           cache_dir=cdir)
+                           cache_dir=cdir, spacing=cfg.spacing)
             if s["failed"]: raise BratsError("the training cache could not be written: " + "; ".join(f"{k}: {v}" for k, v in s["failed"].items()))
     if d.on: dist.barrier()
-    entries = [find_cache_entry(c, cdir, cache_settings(convention=conv)) for c in cases]
+    entries = [find_cache_entry(c, cdir, settings) for c in cases]
     if None in entries: raise BratsError(f"{cases[entries.index(None)]}: no training cache entry in {cdir}")
     return entries
 
@@ -381,7 +393,7 @@ def setup_run(cfg: TrainConfig):
     k = n_classes(conv)
     if cfg.cache_dir:                                              # memory-mapped cache entries: a crop is a slice
         ds = CachedDataset(prepare_cache(cfg, train_cases, d), cfg.crop_size, seed=cfg.seed, samples_per_case=cfg.samples_per_case,
-                           fg_fraction=cfg.fg_fraction, n_classes=k, augment=cfg.augment_on == "loader")
+                           fg_fraction=cfg.fg_fraction, n_classes=k, augment=cfg.augment_on == "loader", fg_balance=cfg.fg_balance)
     else:
         if cfg.uses_bsc: prepare_keypoints(cfg, train_cases, d)
         ds = BratsDataset(train_cases, cfg.crop_size, augment=cfg.augment_on == "loader", extra=("keypoints",) if cfg.uses_bsc else (),
@@ -546,6 +558,7 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False, stop=None):
     `stop`: a `StopRequest` (default: SIGTERM, SIGUSR1 or the file $BRATS_NB_STOP_FILE); when it comes the run stops
     after the step that is running, with `latest.pt` written there, and the summary's `stopped` says why."""
     stop = StopRequest() if stop is None else stop
+    check_apart(cfg.out, [cfg.data or None, cfg.val_data if cfg.val_data not in ("", "heldout") else None], "the run folder (out)")
     with stop:   # from here on SIGTERM and SIGUSR1 ask for a stop instead of ending the process
         run = setup_run(cfg)
         restore_run(run, resume, quiet)
