@@ -72,7 +72,8 @@ def amp_dtype(device, amp="auto"):
     device = torch.device(device)
     if amp in (False, None, "none") or device.type != "cuda": return None
     if amp not in (True, "auto", "bf16", "fp16"): raise BratsError(f"amp {amp!r}: use auto, bf16, fp16 or none")
-    if amp in (True, "auto"): amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp in (True, "auto"):   # bf16 only where the GPU computes it natively (not V100/T4, which emulate it slowly)
+        amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 def autocast(device, dtype=None):

@@ -42,7 +42,8 @@ class SIE(nn.Module):
         col = (1, C) + (1,) * nd
         b0 = self.branches[0]
         bias = self.fuse.bias + sum(b.bias * w[:, k] for k, b in enumerate(self.branches))
-        out = torch.addcmul(bias.view(col), x, (b0.weight.view(C) * w[:, 0]).view(col))
+        # in x's dtype: under bf16/fp16 autocast the float32 bias and scale would promote the whole gate (and the block) to float32
+        out = torch.addcmul(bias.view(col).to(x.dtype), x, (b0.weight.view(C) * w[:, 0]).view(col).to(x.dtype))
         for k, b in enumerate(self.branches[1:], 1):
             out = out + b._conv_forward(x, b.weight * w[:, k].view((C,) + (1,) * (nd + 1)), None)
         return out

@@ -253,7 +253,8 @@ def _set_rng_state(st):
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = st["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
-    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
+    if "cuda" in st and torch.cuda.is_available():   # a run resumed on fewer GPUs than it saved (8 -> 4, or one ablation job)
+        torch.cuda.set_rng_state_all(list(st["cuda"])[:torch.cuda.device_count()])
 
 # %% ../nbs/09_trainer.ipynb #77057a8f
 def amp_setup(cfg, device):
