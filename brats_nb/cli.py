@@ -175,7 +175,7 @@ def model_card(state, cv=None, notes=None):
              "diagnose, treat, plan or monitor any patient, nor to make any decision about a person. Its errors are not "
              "characterised beyond the cross-validation below.", "",
              "## Training data", f"{len(cases)} labelled cases: " + ", ".join(f"`{c}`" for c in cases) + ".", "",
-             "## Recipe", f"Made by `{state['made_by']}`: {state['train_s'] / 60:.1f} min of training epochs on up to {state['threads']} CPU threads "
+             "## Recipe", f"Made by `{state['made_by']}`: {state['train_s'] / 60:.1f} min of training epochs on up to {state['threads']} CPU thread(s) "
              f"(brats_nb {state['brats_nb']}, torch {state['torch']}).", "",
              f"`preset('laptop')`: each case resampled to {t['spacing']:g} mm and cut to the brain (the training cache), "
              f"{t['crop_size']}³ crops, batch {t['batch_size']}, {t['epochs']} epochs of {t['samples_per_case']} crops per case "
@@ -185,8 +185,9 @@ def model_card(state, cv=None, notes=None):
              f"{t['bsc_weight']:g} BSC after {t['bsc_warmup']} epochs; float16 weights ({state['parameters']} parameters).", "",
              f"Prediction (`brats-nb predict`): through a {t['spacing']:g} mm copy in sliding {t['crop_size']}³ windows, "
              "the probabilities resampled to the input's grid, labels written at full resolution in the input's space "
-             "and convention."]
-    if cv: lines += ["", "## Cross-validated scores", cv.strip()]
+             "and convention; " + (f"fewer than {t['et_threshold']} ET voxels become necrotic core; " if t["et_threshold"] else
+             "no ET-size rule; ") + ("tumour components without a core voxel dropped." if t["need_core"] else "every tumour component kept.")]
+    if cv: lines += ["", "## Cross-validated scores", "\n".join("###" + l[1:] if l.startswith("# ") else l for l in cv.strip().splitlines())]
     if notes: lines += ["", "## Sources and licences of the data", notes.strip()]
     return "\n".join(lines) + "\n"
 
