@@ -77,10 +77,10 @@ def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", seed=0, 
     from brats_nb.inference import evaluate_cases, show_prediction
     from brats_nb.trainer import config_cases, plot_curves, preset, train
     t0 = time.perf_counter()
-    check_apart(out_dir, [data])
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     root = Path(data) if data else samples_dir()
     find_cases(root)  # a bad folder fails here, before any work
+    check_apart(out_dir, [data])
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     cfg = preset("cpu", data=str(data or ""), out=str(out / "run"), variant=variant, seed=seed, val_every=0,
                  val_data="" if data else "heldout", **({"epochs": epochs} if epochs else {}))
     train_cases, val = config_cases(cfg)
