@@ -338,6 +338,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                 'brats_nb.model.MFUnit': ('dmfnet.html#mfunit', 'brats_nb/model.py'),
                                 'brats_nb.model.MFUnit.__init__': ('dmfnet.html#mfunit.__init__', 'brats_nb/model.py'),
                                 'brats_nb.model.MFUnit.forward': ('dmfnet.html#mfunit.forward', 'brats_nb/model.py'),
+                                'brats_nb.model._asset': ('dmfnet.html#_asset', 'brats_nb/model.py'),
                                 'brats_nb.model._load_error': ('dmfnet.html#_load_error', 'brats_nb/model.py'),
                                 'brats_nb.model._tuple': ('dmfnet.html#_tuple', 'brats_nb/model.py'),
                                 'brats_nb.model.arm_network': ('dmfnet.html#arm_network', 'brats_nb/model.py'),

@@ -268,11 +268,15 @@ def load_model(checkpoint, device="cpu", variant=None, channels_last="auto"):
 # %% ../nbs/04_dmfnet.ipynb #b33a12db
 LESSON_FILE = "lesson_all_cpu.pt"
 
+def _asset(name, remedy):
+    "Path of a file shipped in brats_nb/assets, or a BratsError that says how to make it (`remedy`, given the path)."
+    p = Path(brats_nb.__file__).parent / "assets" / name
+    if not p.is_file(): raise BratsError(f"{p}: missing; {remedy(p)}")
+    return p
+
 def lesson_checkpoint():
     "Path of the trained model that ships with brats_nb for the lessons (made by `brats-nb lesson-model`)."
-    p = Path(brats_nb.__file__).parent / "assets" / LESSON_FILE
-    if not p.is_file(): raise BratsError(f"{p}: missing; `brats-nb lesson-model` makes it (about 3 minutes on a CPU)")
-    return p
+    return _asset(LESSON_FILE, lambda p: "`brats-nb lesson-model` makes it (about 3 minutes on a CPU)")
 
 def lesson_model(device="cpu"):
     """The lessons' trained model: (network in eval mode, info) where info holds `config`, the training `log` (one row per
@@ -287,9 +291,7 @@ REAL_FILE = "real_laptop.pt"
 
 def real_checkpoint():
     "Path of the real-data model that ships with brats_nb (made by `brats-nb real-model`; its card: `real_model_card()`)."
-    p = Path(brats_nb.__file__).parent / "assets" / REAL_FILE
-    if not p.is_file(): raise BratsError(f"{p}: missing; `brats-nb real-model --data BRATS_DIR --out {p}` makes one from a BraTS folder")
-    return p
+    return _asset(REAL_FILE, lambda p: f"`brats-nb real-model --data BRATS_DIR --out {p}` makes one from a BraTS folder")
 
 def real_model_card():
     "The model card (markdown) of the shipped real-data model: its data, recipe, cross-validated scores and limits."
