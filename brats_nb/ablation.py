@@ -20,8 +20,9 @@ from .data import REGIONS
 from .metrics import METRIC_COLUMNS
 from .model import ARMS, build_model, count_parameters, load_model
 from .inference import evaluate_cases
-from .trainer import (PRESETS, Dist, TrainConfig, preset, train, train_torchrun, read_log, add_train_options,
-                              config_from_args, config_cases, prepare_keypoints)
+from .trainer import (PRESETS, TrainConfig, preset, train, train_torchrun, read_log, add_train_options,
+                              config_from_args, config_cases)
+from .pipeline import prepare_keypoints
 
 # %% auto #0
 __all__ = ['METRIC_COLS', 'ablation_protocol', 'evaluate_run', 'n_parameters', 'arm_cost', 'visible_gpus', 'job_gpu',
@@ -116,7 +117,7 @@ def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(
         from concurrent.futures import ProcessPoolExecutor, as_completed
         bsc = [dataclasses.replace(base, variant=a) for a, _ in todo]
         train_cases, _ = config_cases(base)   # once, here, rather than by two jobs at the same time: the held-out set,
-        if any(cfg.uses_bsc for cfg in bsc): prepare_keypoints(base, train_cases, Dist())   # and the key point maps
+        if any(cfg.uses_bsc for cfg in bsc): prepare_keypoints(train_cases, base.keypoints, base.convention or None)   # and the key point maps
         threads = max(1, torch.get_num_threads() // jobs)
         ctx, n = mp.get_context("spawn"), min(jobs, len(todo))
         gpus = visible_gpus() if base.device != "cpu" else []

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from .core import BratsError, amp_dtype, format_table, pick_device
-from .data import BratsDataset, augment_batch, find_cases
+from .data import find_cases
 from .synth import samples_dir
 from .model import ARMS, VARIANTS, build_model, check_variant, conv_macs, count_parameters
-from .keypoints import CachedDataset, cache_case, preprocess_case
+from .pipeline import BratsDataset, CachedDataset, augment_batch, cache_case, preprocess_case
 from .losses import BratsLoss
 from .inference import benchmark_inference
 from .trainer import TrainConfig, amp_setup, train_step

@@ -22,7 +22,7 @@ __all__ = ['COMMANDS', 'BENCHES', 'EXPORT_FORMATS', 'CONFIG_KEY', 'EXAMPLE', 'CH
            'export_safetensors', 'load_safetensors', 'export_model', 'add_export_cli']
 
 # %% ../nbs/10_cli.ipynb #97259f44
-COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.keypoints", "add_cli"), ("brats_nb.trainer", "add_cli"),
+COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.pipeline", "add_cli"), ("brats_nb.trainer", "add_cli"),
             ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"), ("brats_nb.ablation", "add_cli"),
             ("brats_nb.cli", "add_demo_cli"), ("brats_nb.cli", "add_lesson_cli"), ("brats_nb.cli", "add_real_cli"),
             ("brats_nb.cli", "add_export_cli")]

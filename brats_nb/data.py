@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -16,22 +15,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .core import BratsError, atomic_path, bbox, check_apart
 
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
-           'TISSUE_COLORS', 'ERROR_COLORS', 'AUG_MAX_ANGLE', 'naming_modalities', 'LabelConvention', 'get_convention',
-           'CaseFiles', 'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values',
-           'Case', 'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
+           'TISSUE_COLORS', 'ERROR_COLORS', 'naming_modalities', 'LabelConvention', 'get_convention', 'CaseFiles',
+           'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case',
+           'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
            'convention_of_label', 'label_convention_of', 'check_classes', 'labels_to_classes', 'classes_to_labels',
            'brain_mask', 'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb', 'pick_modality',
            'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes',
-           'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'RandTumourCropd', 'training_transforms',
-           'augment_params', 'augment_theta', 'augment_batch', 'load_extra', 'BratsDataset', 'save_nifti',
-           'resample_factors', 'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks',
-           'downsample_case', 'write_case_folder', 'downsample_folder', 'add_cli']
+           'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'save_nifti', 'resample_factors',
+           'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks', 'downsample_case',
+           'write_case_folder', 'downsample_folder', 'add_cli']
 
 # %% ../nbs/00_data.ipynb #f6eea04f
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the channel order of every image tensor in brats_nb
@@ -102,6 +99,11 @@ class CaseFiles:
     paths: dict
     seg: Path | None = None
 
+    @property
+    def path(self) -> Path:
+        "What the case was found from: its folder, or a Decathlon case's image file."
+        return self.paths[MODALITIES[0]] if self.naming == "msd" else self.dir
+
     def extra(self, suffix):
         "Path of an extra per-case file written beside the case, e.g. `extra('keypoints')` (a Decathlon task: in brats_nb_extra/)."
         if self.naming == "msd": return self.dir.parent / "brats_nb_extra" / f"{self.name}_{suffix}.nii.gz"
@@ -125,6 +127,7 @@ def _msd_images(root):
 
 def case_files(case_dir) -> CaseFiles:
     "Find the modality and label files of the case in `case_dir` (a BraTS case folder, either naming, or a Decathlon image file)."
+    if isinstance(case_dir, CaseFiles): return case_dir          # already found: nothing to look up again
     case_dir = Path(case_dir)
     if case_dir.is_file(): return _msd_files(case_dir)
     if not case_dir.is_dir(): raise BratsError(f"{case_dir}: not a folder")
@@ -247,7 +250,7 @@ def _load_msd(files, label_convention=None, load_label=True):
 
 # %% ../nbs/00_data.ipynb #4c82e745
 def load_case(case_dir, label_convention=None, load_label=True) -> Case:
-    "Load the case in `case_dir`: the four modalities, stacked, and the label map when there is one."
+    "Load the case in `case_dir` (or its `CaseFiles`): the four modalities, stacked, and the label map when there is one."
     files = case_files(case_dir)
     if files.naming == "msd": return _load_msd(files, label_convention, load_label)
     vols, ref = [], None
@@ -661,155 +664,6 @@ def show_volume(case, prediction=None, modality="flair", alpha=0.45, figsize=(12
     fig.suptitle(f"{case.name}: {modality} through the tumour centre {tuple(c)}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
-
-# %% ../nbs/00_data.ipynb #a6850540
-class RandTumourCropd:
-    """Crop `keys` to `size`: with probability `fg_fraction` centred on a random tumour voxel of `label`, else uniformly.
-    A MONAI randomizable dictionary transform (MONAI is imported on first use, as in `training_transforms`)."""
-    def __new__(cls, keys, size, fg_fraction=0.5, label_key="label"):
-        from monai.transforms import MapTransform, Randomizable
-        class _Crop(Randomizable, MapTransform):
-            def __init__(self):
-                MapTransform.__init__(self, keys)
-                self.size, self.fg_fraction, self.label_key = tuple(size), float(fg_fraction), label_key
-            def randomize(self, data=None): pass
-            def start(self, shape, fg):
-                if self.R.rand() < self.fg_fraction and len(fg):
-                    c = fg[self.R.randint(len(fg))]
-                    return [int(min(max(int(c[i]) - s // 2, 0), shape[i] - s)) for i, s in enumerate(self.size)]
-                return [int(self.R.randint(0, shape[i] - s + 1)) for i, s in enumerate(self.size)]
-            def __call__(self, data):
-                d = dict(data)
-                lab = d[self.label_key][0]
-                fg = torch.nonzero(torch.as_tensor(lab) > 0) if self.fg_fraction > 0 else []
-                st = self.start(tuple(lab.shape), fg)
-                box = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(st, self.size))
-                for k in self.key_iterator(d): d[k] = d[k][box]
-                return d
-            def __reduce__(self): return (RandTumourCropd, (list(self.keys), self.size, self.fg_fraction, self.label_key))
-        return _Crop()
-
-# %% ../nbs/00_data.ipynb #d5d7b920
-def training_transforms(crop_size, augment=True, extra_keys=(), fg_fraction=0.0):
-    "The MONAI transform chain of `BratsDataset`: pad, random crop (tumour-centred with probability `fg_fraction`), the paper's augmentation."
-    from monai import transforms as T
-    spatial = ["image", "label", *extra_keys]
-    nearest = ["nearest"] * (1 + len(extra_keys))
-    ts = [T.SpatialPadd(spatial, spatial_size=crop_size, mode="constant"),
-          RandTumourCropd(spatial, crop_size, fg_fraction) if fg_fraction > 0 else
-          T.RandSpatialCropd(spatial, roi_size=crop_size, random_size=False)]
-    if augment:
-        r = np.deg2rad(10)
-        ts += [T.RandRotated(spatial, range_x=r, range_y=r, range_z=r, prob=1.0, keep_size=True,
-                             mode=["bilinear", *nearest], padding_mode="zeros"),
-               *[T.RandFlipd(spatial, prob=0.5, spatial_axis=a) for a in range(3)],
-               T.RandScaleIntensityd("image", factors=0.1, prob=1.0, channel_wise=True),
-               T.RandShiftIntensityd("image", offsets=0.1, prob=1.0, channel_wise=True)]
-    return T.Compose(ts)
-
-# %% ../nbs/00_data.ipynb #f4122fe3
-AUG_MAX_ANGLE = float(np.deg2rad(10))   # the paper's rotation range, per axis
-
-def augment_params(n, channels=4, generator=None, max_angle=AUG_MAX_ANGLE, scale=0.1, shift=0.1):
-    """Random parameters of the training augmentation for `n` samples, drawn on the CPU from `generator`: `angles` (n, 3)
-    about array axes 0, 1, 2 in U(-max_angle, max_angle), `flips` (n, 3) each with probability 1/2, and per channel a
-    `scale` factor 1 + U(-scale, scale) and a `shift` U(-shift, shift) (as `training_transforms`' MONAI chain)."""
-    u = lambda *s: torch.rand(*s, generator=generator, dtype=torch.float64)
-    return dict(angles=(2 * u(n, 3) - 1) * max_angle, flips=u(n, 3) < 0.5,
-                scale=1 + (2 * u(n, channels) - 1) * scale, shift=(2 * u(n, channels) - 1) * shift)
-
-def _rotation(axis, a):
-    "Rotation by angle `a` about array axis `axis`, acting on array-axis coordinates (float64, 3x3)."
-    c, s = math.cos(a), math.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    r = torch.eye(3, dtype=torch.float64)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-def augment_theta(params, shape):
-    """The `affine_grid` matrices (n, 3, 4) that rotate each sample about the crop's centre (x, then y, then z, in voxel
-    space: a cube stays a cube whatever the crop's shape) and then flip it: output(v) = input(Rᵀ F v)."""
-    size = torch.tensor(shape, dtype=torch.float64) / 2          # normalised -> centred voxel coordinates (align_corners=False)
-    out = []
-    for a, f in zip(params["angles"].tolist(), params["flips"]):
-        r = _rotation(0, a[0]) @ _rotation(1, a[1]) @ _rotation(2, a[2])
-        m = torch.diag(1 / size) @ r.T @ torch.diag(torch.where(f, -1.0, 1.0).double()) @ torch.diag(size)
-        m = m.flip(0).flip(1)                                      # array axes (0, 1, 2) -> grid order (x=2, y=1, z=0)
-        out.append(torch.cat([m, torch.zeros(3, 1, dtype=torch.float64)], 1))
-    return torch.stack(out)
-
-def augment_batch(batch, generator=None, params=None):
-    """The training augmentation applied to a whole batch on its own device (a GPU, or the CPU): one affine grid per
-    sample for rotation and flips (bilinear for `image`, nearest for `label` and `keypoints`, zeros outside), then the
-    per-channel intensity scale and shift. `batch`: dict with `image` (B, C, X, Y, Z), `label` (B, X, Y, Z) and optional
-    `keypoints` (B, 3, X, Y, Z); returns a new dict (other keys kept)."""
-    x = batch["image"]
-    n, c, shape = x.shape[0], x.shape[1], tuple(x.shape[2:])
-    p = params or augment_params(n, c, generator)
-    grid = F.affine_grid(augment_theta(p, shape).to(x.device, torch.float32), (n, c, *shape), align_corners=False)
-    out = dict(batch)
-    img = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out["image"] = img * p["scale"].to(x.device, torch.float32)[:, :, None, None, None] + p["shift"].to(x.device, torch.float32)[:, :, None, None, None]
-    lab = F.grid_sample(batch["label"][:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    out["label"] = lab[:, 0].round().long()
-    if "keypoints" in batch:
-        out["keypoints"] = F.grid_sample(batch["keypoints"].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out
-
-
-# %% ../nbs/00_data.ipynb #c9ea0303
-def load_extra(files: CaseFiles, suffix, shape=None):
-    "Read an extra per-case map (X, Y, Z) or (X, Y, Z, C) written beside the case, as (C, X, Y, Z) float32."
-    p = files.extra(suffix)
-    if not p.exists(): raise BratsError(f"{p}: missing; `brats-nb preprocess {files.dir.parent}` writes it")
-    img = nib.load(str(p)); data = np.asanyarray(img.dataobj).astype(np.float32)
-    data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
-    if shape is not None and data.shape[1:] != tuple(shape):
-        raise BratsError(f"{p}: shape {data.shape[1:]} differs from the case's {tuple(shape)}")
-    return data
-
-# %% ../nbs/00_data.ipynb #b445ed68
-class BratsDataset(torch.utils.data.Dataset):
-    "Random training crops of BraTS cases: dicts with `image` (4, *crop), `label` (classes 0..3, *crop) and any `extra` maps."
-    def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1, fg_fraction=0.0,
-                 label_convention=None, n_classes=3):
-        if isinstance(cases, (str, os.PathLike)): cases = find_cases(cases)
-        self.cases = [Path(c) for c in cases]
-        if not self.cases: raise BratsError("BratsDataset: no cases given")
-        self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
-        self.extra, self.cache, self.seed, self.samples_per_case = tuple(extra), cache, seed, samples_per_case
-        self.transform = training_transforms(self.crop_size, augment, self.extra, fg_fraction)
-        self.epoch, self._cache = 0, {}
-        self.label_convention, self.n_classes = label_convention, n_classes   # forced convention (None: each case's); classes of the run
-
-    def __len__(self): return len(self.cases) * self.samples_per_case
-    def set_epoch(self, epoch):
-        "Change the random draws (call once per epoch, as with a DistributedSampler)."
-        self.epoch = epoch
-
-    def load(self, i):
-        "The normalised arrays of case `i` before cropping (cached in memory when `cache=True`)."
-        if i in self._cache: return self._cache[i]
-        case = load_case(self.cases[i], label_convention=self.label_convention)
-        if case.label is None: raise BratsError(f"{self.cases[i]}: has no label file; it cannot be used for training")
-        check_classes(self.cases[i], case.label_convention, self.n_classes)
-        d = dict(image=normalize(case.image), label=labels_to_classes(case.label, case.label_convention)[None].astype(np.float32))
-        for k in self.extra: d[k] = load_extra(case.files, k, case.shape)
-        d = {k: np.ascontiguousarray(v) for k, v in d.items()}  # NIfTI data come in Fortran order; MONAI would copy them per crop
-        if self.cache: self._cache[i] = d
-        return d
-
-    def __getitem__(self, idx):
-        epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)   # a sampler may pass epoch * len + index
-        i = idx % len(self.cases)
-        d = dict(self.load(i))
-        rs = np.random.RandomState(np.random.SeedSequence([self.seed, epoch, idx]).generate_state(1)[0])
-        self.transform.set_random_state(state=rs)
-        out = self.transform(d)
-        res = {k: torch.as_tensor(np.asarray(out[k]), dtype=torch.float32) for k in ("image", *self.extra)}
-        res["label"] = torch.as_tensor(np.asarray(out["label"]))[0].round().long()
-        res["case"] = self.cases[i].name
-        return res
 
 # %% ../nbs/00_data.ipynb #2e7a919a
 def save_nifti(array, path, affine, header=None, dtype=None):

@@ -5,14 +5,11 @@
 # %% ../nbs/05_keypoints.ipynb #53c9d4ee
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import os
-import shutil
 import statistics
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +17,15 @@ import torch
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from .core import BratsError, atomic_path, bbox, check_apart, pick_device
-from .data import (REGIONS, Case, read_nifti, find_cases, load_case, labels_to_regions, save_nifti,
-                           case_files, take_slice, windowed, png_bytes, AXES, get_convention, CONVENTIONS,
-                           brain_box, normalize, labels_to_classes, augment_batch, check_classes, convention_of_label,
-                           downsample_case)
+from .core import BratsError, bbox, pick_device
+from .data import (REGIONS, Case, find_cases, load_case, labels_to_regions, take_slice, windowed, png_bytes, AXES)
 from .synth import samples_dir
 
 # %% auto #0
-__all__ = ['ALGORITHM_VERSION', 'DEFAULTS', 'KP_COLORS', 'CACHE_VERSION', 'boundary_voxels', 'hull_triangles', 'column_intervals',
-           'fill_hull', 'fill_hull_bruteforce', 'score_candidates', 'ball_offsets', 'draw_balls',
-           'select_region_keypoints', 'select_keypoints', 'keypoint_overlay', 'show_keypoints',
-           'select_region_reference', 'bench_keypoints', 'keypoint_files', 'keypoints_up_to_date', 'preprocess_case',
-           'preprocess', 'cache_root', 'default_cache_dir', 'cache_settings', 'cache_key', 'find_cache_entry',
-           'cache_case', 'read_cache_entry', 'CachedDataset', 'add_cli', 'add_bench_cli', 'keypoint_viewer']
+__all__ = ['ALGORITHM_VERSION', 'KEYPOINTS', 'KP_COLORS', 'boundary_voxels', 'hull_triangles', 'column_intervals', 'fill_hull',
+           'fill_hull_bruteforce', 'score_candidates', 'ball_offsets', 'draw_balls', 'KeypointSettings',
+           'keypoint_settings', 'select_region_keypoints', 'select_keypoints', 'keypoint_overlay', 'show_keypoints',
+           'select_region_reference', 'bench_keypoints', 'add_bench_cli', 'keypoint_viewer']
 
 # %% ../nbs/05_keypoints.ipynb #ac638dca
 def boundary_voxels(region) -> np.ndarray:
@@ -198,7 +190,6 @@ def _points_iou(p, region):
 
 # %% ../nbs/05_keypoints.ipynb #91f1cad3
 ALGORITHM_VERSION = 1  # bump when the selection changes: cached maps of other versions are recomputed
-DEFAULTS = dict(n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0)
 
 def ball_offsets(radius) -> np.ndarray:
     "Integer offsets (K, 3) of the voxels within Euclidean distance `radius` of the origin."
@@ -220,6 +211,40 @@ def _per_region(v, name):
     v = tuple(v) if isinstance(v, (tuple, list, np.ndarray)) else (v,) * 3
     if len(v) != 3: raise BratsError(f"{name}: expected one value or three (WT, TC, ET), got {v}")
     return v
+
+# %% ../nbs/05_keypoints.ipynb #eb04c108
+def _number(x):
+    "A whole number as int, anything else as float (so that 2 and 2.0 write the same JSON)."
+    return int(x) if float(x) == int(x) else float(x)
+
+@dataclass(frozen=True)
+class KeypointSettings:
+    "The settings of the key point selection: points per region, candidate sets, ball radius per region, seed."
+    n: tuple = (300, 200, 100)      # key points per region (WT, TC, ET); one value means the same for all three
+    t: int = 100                    # random candidate sets scored per region
+    radius: tuple = (2, 1, 1)       # radius (voxels) of the ball drawn around each point, per region
+    seed: int = 0
+
+    def __post_init__(self):
+        n, radius = _per_region(self.n, "n"), _per_region(self.radius, "radius")
+        if min(n) < 1 or self.t < 1 or min(radius) < 0:
+            raise BratsError(f"key point settings: need n >= 1, t >= 1, radius >= 0 (got n={n}, t={self.t}, radius={radius})")
+        object.__setattr__(self, "n", tuple(_number(v) for v in n))
+        object.__setattr__(self, "radius", tuple(_number(v) for v in radius))
+        object.__setattr__(self, "t", int(self.t))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    def params(self) -> dict:
+        "The settings as written into key point sidecars and cache keys (with the algorithm's version)."
+        return dict(n=list(self.n), t=self.t, radius=list(self.radius), seed=self.seed, version=ALGORITHM_VERSION)
+
+KEYPOINTS = KeypointSettings()   # the paper's
+
+def keypoint_settings(settings=None, **changes) -> KeypointSettings:
+    "`settings` (default: the paper's) with `changes` (any of n, t, radius, seed) applied."
+    unknown = set(changes) - {"n", "t", "radius", "seed"}
+    if unknown: raise BratsError(f"key point settings: unknown {sorted(unknown)}; the settings are n, t, radius, seed")
+    return dataclasses.replace(settings or KEYPOINTS, **changes)
 
 # %% ../nbs/05_keypoints.ipynb #52d105ac
 def select_region_keypoints(region, n=300, t=100, radius=2, seed=0, region_index=0, device=None) -> dict:
@@ -258,15 +283,16 @@ def _as_regions(label_or_regions, convention):
     raise BratsError(f"select_keypoints: expected a label map (X, Y, Z) or regions (3, X, Y, Z), got shape {a.shape}")
 
 # %% ../nbs/05_keypoints.ipynb #83ee1716
-def select_keypoints(label_or_regions, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention="brats2017",
-                     device=None):
+def select_keypoints(label_or_regions, settings: KeypointSettings | None = None, convention="brats2017", device=None,
+                     **changes):
     """Key point maps (3, X, Y, Z) uint8 (WT, TC, ET) of a label map, regions (3, X, Y, Z) or a `Case`,
-    and per-region info: {region: dict(points, iou, history, n_boundary, kind)}. Each region is scored on its own."""
+    and per-region info: {region: dict(points, iou, history, n_boundary, kind)}. Each region is scored on its own.
+    `settings`: a `KeypointSettings` (default: the paper's); `changes` change some of them (`t=20`)."""
+    kp = keypoint_settings(settings, **changes)
     regions = _as_regions(label_or_regions, convention)
-    ns, rs = _per_region(n, "n"), _per_region(radius, "radius")
     maps, info = np.zeros(regions.shape, np.uint8), {}
     for i, name in enumerate(REGIONS):
-        r = select_region_keypoints(regions[i], ns[i], t, rs[i], seed, i, device)
+        r = select_region_keypoints(regions[i], kp.n[i], kp.t, kp.radius[i], kp.seed, i, device)
         maps[i] = r.pop("map"); info[name] = r
     return maps, info
 
@@ -338,11 +364,11 @@ def _pin_one_core():
     return old
 
 # %% ../nbs/05_keypoints.ipynb #cd45e999
-def bench_keypoints(cases, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, ref_t=3, repeat=3, pin=True, device="cpu",
-                    printer=print):
+def bench_keypoints(cases, settings=None, ref_t=3, repeat=3, pin=True, device="cpu", printer=print, **changes):
     "Time `select_keypoints` against the brute-force reference on each case; prints a table and returns its rows."
     old = _pin_one_core() if pin else None
-    ns = _per_region(n, "n")
+    kp = keypoint_settings(settings, **changes)
+    ns, t, seed = kp.n, kp.t, kp.seed
     rows = []
     try:
         for c in cases:
@@ -350,7 +376,7 @@ def bench_keypoints(cases, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, r
             regions = labels_to_regions(case.label, case.label_convention)
             times = []
             for _ in range(repeat):
-                t0 = time.perf_counter(); maps, info = select_keypoints(regions, n, t, radius, seed, device=device)
+                t0 = time.perf_counter(); maps, info = select_keypoints(regions, kp, device=device)
                 times.append(time.perf_counter() - t0)
             ours = statistics.median(times)
             ref_total, ref_measured = 0.0, 0.0
@@ -388,310 +414,11 @@ def _print_bench(rows, ns, t, ref_t, printer=print):
             printer(f"{r['case']:<22}{r['region']:<7}{r['voxels']:>8}{r['boundary']:>7}{r['ref_s_per_candidate']:>11.3f}"
                     f"{r['iou_ours']:>12.4f}{r['iou_ours_first']:>16.4f}{r['iou_ref_first']:>15.4f}{r['max_diff']:>10.1e}")
 
-# %% ../nbs/05_keypoints.ipynb #acac9387
-def keypoint_files(case_dir):
-    "Paths of a case's key point map and its JSON sidecar."
-    files = case_files(case_dir)
-    p = files.extra("keypoints")
-    return p, p.with_name(p.name[:-len(".nii.gz")] + ".json")
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
-
-def _params(n, t, radius, seed):
-    norm = lambda v: [float(x) if float(x) != int(x) else int(x) for x in _per_region(v, "value")]
-    return dict(n=norm(n), t=int(t), radius=norm(radius), seed=int(seed), version=ALGORITHM_VERSION)
-
-def keypoints_up_to_date(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0) -> bool:
-    "True when the case's key point map exists and its sidecar matches the label file and the parameters."
-    files = case_files(case_dir)
-    if files.seg is None: return False
-    nii, side = keypoint_files(case_dir)
-    if not (nii.exists() and side.exists()): return False
-    try: meta = json.loads(side.read_text())
-    except (OSError, ValueError): return False
-    want = dict(_params(n, t, radius, seed), label_sha256=_sha256(files.seg), label_file=files.seg.name)
-    return all(meta.get(k) == v for k, v in want.items())
-
-def _write_json_atomic(obj, path):
-    with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, indent=1))
-
-# %% ../nbs/05_keypoints.ipynb #1af2a6b8
-def preprocess_case(case_dir, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None, convention=None) -> str:
-    "Write the key point map of one case unless it is up to date; returns 'written', 'skipped' or 'unlabelled'."
-    files = case_files(case_dir)
-    if files.seg is None: return "unlabelled"
-    if not force and keypoints_up_to_date(case_dir, n, t, radius, seed): return "skipped"
-    sha = _sha256(files.seg)   # hashed before reading, so that a label changed meanwhile is redone next time
-    img, label = read_nifti(files.seg)
-    label = np.asarray(label)
-    if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
-    conv = convention_of_label(label.astype(np.uint8), files, convention or None)   # as the user says, else detected
-    maps, info = select_keypoints(label.astype(np.uint8), n, t, radius, seed, conv, device)
-    nii, side = keypoint_files(case_dir)
-    save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)
-    meta = dict(_params(n, t, radius, seed), label_sha256=sha, label_file=files.seg.name,
-                channels=list(REGIONS), iou={r: info[r]["iou"] for r in REGIONS},
-                points={r: len(info[r]["points"]) for r in REGIONS})
-    _write_json_atomic(meta, side)
-    return "written"
-
-def _worker(args):
-    torch.set_num_threads(1)
-    d, kw = args
-    try:
-        if kw.get("cache_dir") is not None: return str(d), cache_case(d, **kw)[0], None   # the training cache
-        return str(d), preprocess_case(d, **{k: v for k, v in kw.items() if k not in ("cache_dir", "spacing")}), None   # beside the case
-    except Exception as e: return str(d), "failed", f"{type(e).__name__}: {e}"
-
-# %% ../nbs/05_keypoints.ipynb #04a593ba
-def preprocess(data_dir, workers=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, force=False, device=None,
-               progress=True, convention=None, cache_dir=None, spacing=0.0) -> dict:
-    """Key point maps of every labelled case under `data_dir`, in `workers` processes (default: CPU count, at most 8).
-    With `cache_dir`, the training cache entries (`cache_case`, at `spacing` mm when > 0) go there and nothing is written
-    beside the cases.
-    Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
-    import multiprocessing as mp
-    from tqdm.auto import tqdm
-    dirs = [Path(c) for c in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)   # a folder, or case folders
-    if cache_dir is not None: check_apart(cache_dir, [*dirs, None if isinstance(data_dir, (list, tuple)) else data_dir], "the training cache")
-    _params(n, t, radius, seed)  # fail early on bad values
-    if convention: get_convention(convention)
-    if not spacing >= 0: raise BratsError(f"preprocess: spacing must be >= 0 mm (0: the data's own), got {spacing}")
-    if spacing and cache_dir is None: raise BratsError("preprocess: a spacing needs the training cache (cache_dir); nothing is written beside the cases")
-    kw = dict(n=n, t=t, radius=radius, seed=seed, force=force, device=device, convention=convention,
-              cache_dir=None if cache_dir is None else Path(cache_dir), **(dict(spacing=spacing) if spacing else {}))
-    workers = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
-    if workers < 1: raise BratsError(f"preprocess: workers must be at least 1, got {workers}")
-    out = dict(written=[], skipped=[], unlabelled=[], failed={})
-    bar = tqdm(total=len(dirs), desc="key points", unit="case", disable=not progress)
-    def record(d, status, err):
-        name = Path(d).name
-        if status == "failed": out["failed"][name] = err
-        else: out[status].append(name)
-        bar.update(1); bar.set_postfix_str(f"{name}: {status}")
-    try:
-        if workers == 1 or len(dirs) == 1:
-            for d in dirs: record(*_worker((d, kw)))
-        else:
-            with ProcessPoolExecutor(min(workers, len(dirs)), mp_context=mp.get_context("spawn")) as ex:
-                for f in as_completed([ex.submit(_worker, (d, kw)) for d in dirs]): record(*f.result())
-    finally:
-        bar.close()
-    for k in ("written", "skipped", "unlabelled"): out[k].sort()
-    return out
-
-# %% ../nbs/05_keypoints.ipynb #4a560069
-CACHE_VERSION = 1
-
-def cache_root():
-    "brats_nb's cache folder: $BRATS_NB_CACHE, else ~/.cache/brats_nb (never inside a data folder)."
-    return Path(os.environ.get("BRATS_NB_CACHE") or Path.home() / ".cache" / "brats_nb")
-
-def default_cache_dir():
-    "Where `brats-nb preprocess` and training put the training cache unless told otherwise."
-    return cache_root() / "train"
-
-def cache_settings(n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention=None, margin=4, dtype="float16", spacing=0.0):
-    """Everything a cache entry depends on besides the case's files (part of its key). `spacing` > 0: the entry holds the
-    case resampled to about that many mm (`downsample_case`), as the laptop recipe trains; 0 keeps the data's own."""
-    if dtype not in ("float16", "float32"): raise BratsError(f"cache dtype {dtype!r}: use float16 or float32")
-    if not spacing >= 0: raise BratsError(f"cache spacing must be >= 0 mm (0: the data's own), got {spacing}")
-    s = dict(keypoints=_params(n, t, radius, seed), convention=convention or "", margin=int(margin), dtype=dtype,
-             normalize="percentile 0.2-99.8, z-score in the brain", cache_version=CACHE_VERSION)
-    if spacing: s["spacing"] = float(spacing)   # only when set: the entries of full-resolution caches keep their keys
-    return s
-
-def _sources(files):
-    "The files of a case with their size and modification time (to find its entry again without hashing)."
-    paths = [*files.paths.values(), files.seg]
-    return [dict(path=str(Path(p).resolve()), size=Path(p).stat().st_size, mtime_ns=Path(p).stat().st_mtime_ns)
-            for p in dict.fromkeys(paths) if p is not None]
-
-def cache_key(files, settings):
-    "The content hash of a case's files (images and label) and the settings: its cache entry's name."
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for p in dict.fromkeys([*files.paths.values(), files.seg]):
-        if p is not None: h.update(_sha256(p).encode())
-    return h.hexdigest()[:20]
-
-def find_cache_entry(case_dir, cache_dir=None, settings=None):
-    """The cache entry of a case for `settings`, or None: found by the files' sizes and times when they are unchanged
-    (no hashing), else by the content hash."""
-    cache_dir, settings = Path(cache_dir or default_cache_dir()), settings or cache_settings()
-    files = case_files(case_dir)
-    src = _sources(files)
-    for d in sorted(cache_dir.glob(f"{files.name}-*")):
-        try: meta = json.loads((d / "meta.json").read_text())
-        except (OSError, ValueError): continue
-        if meta.get("settings") == settings and meta.get("sources") == src: return d
-    d = cache_dir / f"{files.name}-{cache_key(files, settings)}"
-    return d if (d / "meta.json").is_file() else None
-
-
-# %% ../nbs/05_keypoints.ipynb #805dde03
-def cache_case(case_dir, cache_dir=None, n=(300, 200, 100), t=100, radius=(2, 1, 1), seed=0, convention=None, margin=4,
-               dtype="float16", force=False, device=None, spacing=0.0):
-    """Write the training cache entry of one labelled case: the normalised image cut to the brain's bounding box
-    (`dtype`), its label and its key point maps, as `.npy` files (memory-mappable) with `meta.json`, in
-    `cache_dir/<case>-<content hash>/`, atomically. Nothing is written beside the case. With `spacing` > 0 the case is
-    first resampled to about that many mm (`downsample_case`: the laptop recipe's copies, made here, not in the data
-    folder). Returns (status, entry folder): 'written', 'skipped' (up to date) or 'unlabelled'."""
-    settings = cache_settings(n, t, radius, seed, convention, margin, dtype, spacing)
-    cache_dir = Path(cache_dir or default_cache_dir())
-    files = case_files(case_dir)
-    if files.seg is None: return "unlabelled", None
-    if not force and (d := find_cache_entry(case_dir, cache_dir, settings)) is not None: return "skipped", d
-    src = _sources(files)                                        # read before the files, so that a change meanwhile is redone
-    key = cache_key(files, settings)
-    case = load_case(case_dir, label_convention=convention)
-    source_shape = list(case.shape)
-    if spacing: case = downsample_case(case, spacing, margin)
-    box = brain_box(case.image, margin)
-    image = normalize(case.image)[(slice(None), *box)].astype(dtype)
-    maps, info = select_keypoints(case, n, t, radius, seed, device=device)
-    final = cache_dir / f"{files.name}-{key}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{files.name}-", dir=cache_dir))
-    try:
-        np.save(tmp / "image.npy", np.ascontiguousarray(image))
-        np.save(tmp / "label.npy", np.ascontiguousarray(case.label[box]))
-        np.save(tmp / "keypoints.npy", np.ascontiguousarray(maps[(slice(None), *box)]))
-        meta = dict(name=files.name, source=str(Path(case_dir).resolve()), sources=src, settings=settings, key=key,
-                    label_convention=case.label_convention, box=[[s.start, s.stop] for s in box], shape=list(case.shape),
-                    spacing=list(case.spacing), affine=case.affine.tolist(), iou={r: info[r]["iou"] for r in REGIONS},
-                    source_shape=source_shape)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists(): shutil.rmtree(final)                  # force, or a stale half (cannot happen: we rename whole folders)
-        os.rename(tmp, final)                                    # the entry appears whole, or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return "written", final
-
-def read_cache_entry(entry):
-    "A cache entry as memory maps: dict(meta, image (C, X, Y, Z), label (X, Y, Z), keypoints (3, X, Y, Z))."
-    entry = Path(entry)
-    try: meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError) as e: raise BratsError(f"{entry}: not a brats_nb cache entry ({type(e).__name__}: {e})") from None
-    return dict(meta=meta, **{k: np.load(entry / f"{k}.npy", mmap_mode="r") for k in ("image", "label", "keypoints")})
-
-
-# %% ../nbs/05_keypoints.ipynb #730e9d0e
-class CachedDataset(torch.utils.data.Dataset):
-    """Random training crops read from training cache entries through memory maps: the CPU's work per crop is a slice of
-    each array. Dicts with `image` (C, *crop) float32, `label` (classes, *crop), `keypoints` (3, *crop), `case`. With
-    `augment`, the training augmentation (`augment_batch`) runs here on the CPU; without, on the training device.
-    A share `fg_fraction` of the crops is centred on a tumour voxel: any (`fg_balance="tumour"`), or one of a tissue class
-    drawn uniformly among the classes the case holds (`"class"`, as nnU-Net samples foreground per class)."""
-    def __init__(self, entries, crop_size=128, seed=0, samples_per_case=1, fg_fraction=0.0, n_classes=3, augment=False,
-                 fg_balance="tumour"):
-        if fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {fg_balance!r}: use tumour or class")
-        self.entries = [Path(e) for e in entries]
-        if not self.entries: raise BratsError("CachedDataset: no cache entries given")
-        self.metas = [read_cache_entry(e)["meta"] for e in self.entries]
-        for e, m in zip(self.entries, self.metas): check_classes(e, m["label_convention"], n_classes)
-        self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
-        self.seed, self.samples_per_case, self.fg_fraction, self.augment = seed, samples_per_case, float(fg_fraction), augment
-        self.fg_balance, self.n_classes, self.epoch, self._open = fg_balance, n_classes, 0, {}
-
-    def __len__(self): return len(self.entries) * self.samples_per_case
-    def set_epoch(self, epoch): self.epoch = epoch
-
-    def arrays(self, i):
-        "The memory maps of entry `i`, its class lookup table and its tumour voxels, by class (opened once per process)."
-        if i not in self._open:
-            a = read_cache_entry(self.entries[i])
-            lut = np.zeros(256, np.uint8)
-            conv = self.metas[i]["label_convention"]
-            values = np.array(sorted(get_convention(conv).values), np.uint8)
-            lut[values] = labels_to_classes(values, conv)
-            a["lut"], a["fg"] = lut, (self.tumour_voxels(lut[np.asarray(a["label"])]) if self.fg_fraction > 0 else None)
-            self._open[i] = a
-        return self._open[i]
-
-    def tumour_voxels(self, classes):
-        "Pools of flat indices to centre crops on: all tumour voxels, or one pool per tissue class present (`fg_balance`)."
-        if self.fg_balance == "tumour": return [np.flatnonzero(classes)]
-        flat = classes.ravel()
-        return [p for c in range(1, self.n_classes + 1) if len(p := np.flatnonzero(flat == c))]
-
-    def start(self, rng, shape, fg):
-        """The crop's corner: with probability `fg_fraction` centred on a random voxel of a pool of `fg` (a pool drawn
-        uniformly when there are several), else uniform (as `RandTumourCropd`)."""
-        size = self.crop_size
-        if self.fg_fraction > 0 and rng.random() < self.fg_fraction and len(fg) and len(fg[0]):
-            pool = fg[0] if len(fg) == 1 else fg[rng.integers(len(fg))]
-            c = np.unravel_index(pool[rng.integers(len(pool))], shape)
-            return [int(min(max(int(c[k]) - s // 2, 0), max(shape[k] - s, 0))) for k, s in enumerate(size)]
-        return [int(rng.integers(0, max(shape[k] - s, 0) + 1)) for k, s in enumerate(size)]
-
-    def __getitem__(self, idx):
-        epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)   # a sampler may pass epoch * len + index
-        i = idx % len(self.entries)
-        a = self.arrays(i)
-        rng = np.random.default_rng([self.seed, epoch, idx])
-        shape = a["label"].shape
-        st = self.start(rng, shape, a["fg"])
-        box = tuple(slice(b, b + s) for b, s in zip(st, self.crop_size))
-        pad = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for s, n in zip(self.crop_size, shape)]   # as SpatialPadd
-        def take(arr, dtype):
-            out = np.asarray(arr[(slice(None), *box)] if arr.ndim == 4 else arr[box], dtype=dtype)
-            return np.pad(out, ([(0, 0)] if out.ndim == 4 else []) + pad) if any(p != (0, 0) for p in pad) else out
-        res = dict(image=torch.from_numpy(take(a["image"], np.float32)),
-                   label=torch.from_numpy(a["lut"][take(a["label"], np.uint8)].astype(np.int64)),
-                   keypoints=torch.from_numpy(take(a["keypoints"], np.float32)))
-        if self.augment:
-            g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-            b = augment_batch({k: v[None] for k, v in res.items()}, g)
-            res = {k: v[0] for k, v in b.items()}
-        res["case"] = self.metas[i]["name"]
-        return res
-
-
-# %% ../nbs/05_keypoints.ipynb #d20583fb
-def add_cli(sub):
-    "Register `brats-nb preprocess`."
-    p = sub.add_parser("preprocess", help="write the training cache (normalised volumes, labels, key point maps) of every labelled case",
-                       description="Write the training cache of every labelled case: the normalised image cut to the brain (float16), "
-                                   "the label and the BSC key point maps as memory-mappable .npy files, keyed by content hash and "
-                                   "settings, in --cache-dir (nothing is written into DATA_DIR). Up-to-date cases are skipped. "
-                                   "--beside writes only the key point maps beside each case instead (<case>_keypoints.nii.gz).")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="a folder of BraTS cases (either naming)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, at most 8)")
-    p.add_argument("--n", type=int, nargs="+", default=[300, 200, 100], help="points per region: one value or three (WT TC ET)")
-    p.add_argument("--t", type=int, default=100, help="random candidates per region (default 100)")
-    p.add_argument("--radius", type=float, nargs="+", default=[2, 1, 1], help="ball radius: one value or three (default 2 1 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="recompute even up-to-date maps")
-    p.add_argument("--device", default=None, help="torch device for the scoring (default: cuda when present, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--convention", default=None, choices=list(CONVENTIONS),
-                   help="label convention of the data where its values and names do not decide it (e.g. BraTS 2023 pediatric)")
-    p.add_argument("--cache-dir", default=None, help="the training cache (default: $BRATS_NB_CACHE/train or ~/.cache/brats_nb/train)")
-    p.add_argument("--beside", action="store_true", help="write the key point maps beside each case (NIfTI + JSON) instead of the cache")
-    def run(a):
-        n = a.n[0] if len(a.n) == 1 else tuple(a.n)
-        r = a.radius[0] if len(a.radius) == 1 else tuple(a.radius)
-        if a.t < 1 or any(v < 1 for v in _per_region(n, "--n")) or any(v < 0 for v in _per_region(r, "--radius")):
-            raise BratsError(f"need --n >= 1, --t >= 1, --radius >= 0 (got n={a.n}, t={a.t}, radius={a.radius})")
-        t0 = time.perf_counter()
-        cache = None if a.beside else Path(a.cache_dir) if a.cache_dir else default_cache_dir()
-        s = preprocess(a.data_dir, a.workers, n, a.t, r, a.seed, a.force, a.device, progress=not a.no_progress, convention=a.convention,
-                       cache_dir=cache)
-        print(f"{'key point maps' if a.beside else f'training cache {cache}'}: {len(s['written'])} written, {len(s['skipped'])} up to date, "
-              f"{len(s['unlabelled'])} without labels, {len(s['failed'])} failed ({time.perf_counter() - t0:.1f} s)")
-        for k, v in s["failed"].items(): print(f"  {k}: {v}")
-        return 1 if s["failed"] else 0
-    p.set_defaults(func=run)
-
+# %% ../nbs/05_keypoints.ipynb #ca29e94b
 def _real_dir():
     d = Path(__file__).resolve().parents[2] / "shared" / "real" / "brats18"
     return d if d.is_dir() else None
 
-# %% ../nbs/05_keypoints.ipynb #ca29e94b
 def add_bench_cli(bsub):
     "Register `brats-nb bench keypoints`."
     p = bsub.add_parser("keypoints", help="key point selection: ours against the brute-force reference",
@@ -716,7 +443,7 @@ def add_bench_cli(bsub):
             else:
                 if _real_dir(): cases += find_cases(_real_dir())
                 cases += samples[:a.samples]
-        bench_keypoints(cases, n=n, t=t, ref_t=ref_t, repeat=rep, pin=not a.no_pin, device=a.device)
+        bench_keypoints(cases, KeypointSettings(n=n, t=t), ref_t=ref_t, repeat=rep, pin=not a.no_pin, device=a.device)
     p.set_defaults(func=run)
 
 # %% ../nbs/05_keypoints.ipynb #0ea269a8
@@ -731,20 +458,21 @@ def _surface(region, step=1):
     return v + np.array([b.start - 1 for b in box]), f
 
 # %% ../nbs/05_keypoints.ipynb #5dd10827
-def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis="axial", scale=2):
+def keypoint_viewer(case, region="WT", settings=None, axis="axial", scale=2, **changes):
     "Widget: a region's surface and key points in 3D, the best IoU against t, and the key point map on a slice."
     import ipywidgets as W
     import plotly.graph_objects as go
+    kp = keypoint_settings(settings, **changes)     # the sliders start at these (the paper's by default)
     if not isinstance(case, Case): case = load_case(case)
     if case.label is None: raise BratsError(f"{case.name}: has no label map; key points come from the ground truth")
     regions = labels_to_regions(case.label, case.label_convention)
     win = windowed(case.image)
     ri = REGIONS.index(region)
     dd = W.Dropdown(options=list(REGIONS), value=region, description="region")
-    ns = W.IntSlider(value=n or DEFAULTS["n"][ri], min=4, max=600, step=1, description="n", continuous_update=False)
-    ts = W.IntSlider(value=t, min=1, max=300, description="t", continuous_update=False)
-    rs = W.IntSlider(value=radius if radius is not None else DEFAULTS["radius"][ri], min=0, max=5, description="R", continuous_update=False)
-    sd = W.IntText(value=seed, description="seed", layout=W.Layout(width="160px"))
+    ns = W.IntSlider(value=kp.n[ri], min=4, max=600, step=1, description="n", continuous_update=False)
+    ts = W.IntSlider(value=kp.t, min=1, max=300, description="t", continuous_update=False)
+    rs = W.IntSlider(value=kp.radius[ri], min=0, max=5, description="R", continuous_update=False)
+    sd = W.IntText(value=kp.seed, description="seed", layout=W.Layout(width="160px"))
     sl = W.IntSlider(value=0, min=0, max=case.shape[AXES[axis]] - 1, description="slice")
     f3 = go.FigureWidget(layout=dict(width=520, height=420, margin=dict(l=0, r=0, t=30, b=0), title="surface and key points",
                                      scene=dict(aspectmode="data")))
@@ -790,7 +518,7 @@ def keypoint_viewer(case, region="WT", n=None, t=100, radius=None, seed=0, axis=
         i = REGIONS.index(ch["new"])
         with ns.hold_trait_notifications(), rs.hold_trait_notifications():
             ns.unobserve(select, "value"); rs.unobserve(select, "value")
-            ns.value, rs.value = DEFAULTS["n"][i], DEFAULTS["radius"][i]
+            ns.value, rs.value = KEYPOINTS.n[i], KEYPOINTS.radius[i]
             ns.observe(select, "value"); rs.observe(select, "value")
         select()
 

@@ -23,29 +23,35 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, check_norm, pick_device
-from .data import BratsDataset, REGIONS, augment_batch, find_cases, label_convention_of, n_classes, class_regions
+from .data import REGIONS, find_cases, label_convention_of, n_classes, class_regions
 from .synth import heldout_dir, samples_dir
 from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
-from .keypoints import (CachedDataset, cache_settings, default_cache_dir, find_cache_entry, preprocess,
-                                 preprocess_case)
+from .keypoints import KeypointSettings
+from .pipeline import BratsDataset, augment_batch, training_dataset
 from .losses import BratsLoss
 from .inference import EvalProtocol, case_means, evaluate_cases
 
 # %% auto #0
 __all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'LOSS_KEYS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist',
            'setup_distributed', 'run_device', 'rank_batch', 'EpochSampler', 'split_cases', 'config_cases', 'amp_setup',
-           'train_step', 'StopRequest', 'read_log', 'prepare_cache', 'prepare_keypoints', 'Run', 'setup_run',
-           'restore_run', 'run_state', 'train_epoch', 'validate', 'finish_epoch', 'train', 'curve_widget',
-           'plot_curves', 'config_from_args', 'add_train_options', 'torchrun_command', 'train_torchrun', 'add_cli']
+           'train_step', 'StopRequest', 'read_log', 'Run', 'setup_run', 'restore_run', 'run_state', 'train_epoch',
+           'validate', 'finish_epoch', 'train', 'curve_widget', 'plot_curves', 'config_from_args', 'add_train_options',
+           'torchrun_command', 'train_torchrun', 'add_cli']
 
 # %% ../nbs/09_trainer.ipynb #46b5effc
 @dataclass
 class TrainConfig:
+    # long cell: one dataclass; its fields are read together, in named groups (a CLI option each: --crop-size ...)
     "Everything a training run depends on. Defaults: the paper's recipe (Zhu et al. 2024, on DMFNet's)."
+    # -- the data
     data: str = ""              # a BraTS folder; empty: the bundled samples
     out: str = "runs/brats_nb"  # run folder: config.json, metrics.csv, latest.pt, best.pt
+    convention: str = ""        # label convention of the data ('': read from the first case); sets the network's classes (RC, CC: one more)
+    max_cases: int = 0          # use only the first N cases (0: all); for quick trials
+    # -- the model
     variant: str = "all"        # ablation arm: dmfnet, mie, sie, bsc, all
     channels: int = 32          # network width: stem channels
     mid_channels: int = 128     # network width: DMF channels
@@ -54,40 +60,48 @@ class TrainConfig:
     mie_norm: str = "same"      # normalisation inside MIE: same (as norm), batch, group, instance or none
     mie_residual: bool = False  # x + MIE(x) instead of the paper's MIE(x) (arms mie and all; see notebook 02)
     init: str = "kaiming"       # weight initialisation: kaiming (DMFNet's kaiming_normal_) or default (PyTorch's)
-    crop_size: int = 128        # training crop edge, voxels
-    batch_size: int = 8         # crops per step (over all processes)
+    # -- the optimiser and its schedule
     epochs: int = 500
+    batch_size: int = 8         # crops per step (over all processes)
     lr: float = 1e-3
     weight_decay: float = 1e-5
     amsgrad: bool = True
     poly_power: float = 0.9     # lr = lr0 * (1 - epoch / epochs) ** poly_power
+    # -- the loss
     bsc_weight: float = 0.1     # weight of the boundary correction loss (arms bsc and all)
     bsc_warmup: int = 0         # epochs of training before BSC is switched on (not in the paper; CPU preset 5)
     gdl_weights: str = "batch"  # generalised Dice weights: batch (DMFNet's, one set per batch) or sample (MONAI's)
     ce_weight: float = 0.0      # weight of a cross-entropy term (not in the paper; CPU preset 1)
+    # -- the training data path (notebook 05a)
+    crop_size: int = 128        # training crop edge, voxels
+    samples_per_case: int = 1   # crops drawn from each training case per epoch
     fg_fraction: float = 0.0    # share of training crops centred on a tumour voxel (not in the paper; CPU preset 0.5)
+    fg_balance: str = "tumour"  # tumour-centred crops centre on any tumour voxel, or (class) on a class drawn uniformly among the case's (laptop preset; cache only)
+    cache: bool = False         # keep normalised cases in memory (small data sets)
+    cache_dir: str = ""         # training cache: '' reads the NIfTI files per crop; 'auto' $BRATS_NB_CACHE/train (or ~/.cache/brats_nb/train); a folder
+    spacing: float = 0.0        # training resolution in mm: 0 the data's own; > 0 the cache holds copies resampled to it, and prediction goes through one (laptop preset 2)
+    augment_on: str = "loader"  # where the augmentation runs: loader (MONAI, per crop, in the loader processes) or device (augment_batch, per batch)
+    workers: int = 4            # data loading processes per training process
+    keypoint_n: str = "300,200,100"  # BSC key points per region (WT,TC,ET; one value: all three); part of the cache key
+    keypoint_t: int = 100             # BSC: random candidate sets per region
+    keypoint_radius: str = "2,1,1"   # BSC: ball radius per region (voxels)
+    keypoint_seed: int = 0            # BSC: seed of the key point draws
+    # -- validation
     val_data: str = ""          # validation cases: empty, a seeded split of `data`; a folder; or 'heldout' (samples only)
     val_fraction: float = 0.2   # share of the cases held out for validation (by a seeded split)
     val_every: int = 1          # validate every N epochs (and after the last); 0: never during training
     val_window: str = "auto"    # validation: auto (sliding windows of crop_size for group/instance norm), whole, sliding
     val_tta: bool = False       # validation with 8-flip test-time augmentation
-    samples_per_case: int = 1   # crops drawn from each training case per epoch
-    workers: int = 4            # data loading processes per training process
-    cache: bool = False         # keep normalised cases in memory (small data sets)
-    cache_dir: str = ""         # training cache: '' reads the NIfTI files per crop; 'auto' $BRATS_NB_CACHE/train (or ~/.cache/brats_nb/train); a folder
-    augment_on: str = "loader"  # where the augmentation runs: loader (MONAI, per crop, in the loader processes) or device (augment_batch, per batch)
+    # -- prediction with the trained model
+    et_threshold: int = 500     # prediction (`brats-nb predict` of this run): fewer ET voxels than this become NCR (the paper's 500; laptop: cross-validated)
+    need_core: bool = False     # prediction: drop tumour components that hold no core voxel (NCR or ET)
+    # -- the runtime
     amp: str = "auto"           # auto (bf16 where supported, else fp16 with a scaler; none on CPU), bf16, fp16, none
     device: str = "auto"        # auto, cpu, cuda
     threads: int = 0            # CPU threads; 0: the CPUs other processes leave idle, re-checked every epoch
     channels_last: str = "auto" # memory order of the network: auto (channels-last on the CPU), on, off
     seed: int = 0               # initialisation, crop order and augmentation
     split_seed: int = 0         # the train/validation split (kept apart from `seed`, so that seeds share one split)
-    max_cases: int = 0          # use only the first N cases (0: all); for quick trials
-    convention: str = ""        # label convention of the data ('': read from the first case); sets the network's classes (RC, CC: one more)
-    spacing: float = 0.0        # training resolution in mm: 0 the data's own; > 0 the cache holds copies resampled to it, and prediction goes through one (laptop preset 2)
-    fg_balance: str = "tumour"  # tumour-centred crops centre on any tumour voxel, or (class) on a class drawn uniformly among the case's (laptop preset; cache only)
-    et_threshold: int = 500     # prediction (`brats-nb predict` of this run): fewer ET voxels than this become NCR (the paper's 500; laptop: cross-validated)
-    need_core: bool = False     # prediction: drop tumour components that hold no core voxel (NCR or ET)
 
     @property
     def model_variant(self): return arm_network(self.variant)
@@ -99,52 +113,72 @@ class TrainConfig:
                     mid_channels=self.mid_channels, groups=self.groups, norm=self.norm, mie_norm=self.mie_norm,
                     mie_residual=self.mie_residual)
 
-    def check(self):
-        "Raise a BratsError for an impossible configuration; returns self."
-        if self.variant not in ARMS: raise BratsError(f"unknown variant {self.variant!r}; use one of {list(ARMS)}")
-        if self.crop_size % 16: raise BratsError(f"crop_size {self.crop_size} must be a multiple of 16")
-        if self.amp not in ("auto", "bf16", "fp16", "none"): raise BratsError(f"amp {self.amp!r}: use auto, bf16, fp16 or none")
-        if self.channels_last not in ("auto", "on", "off"): raise BratsError(f"channels_last {self.channels_last!r}: use auto, on or off")
-        if self.epochs < 1 or self.batch_size < 1: raise BratsError("epochs and batch_size must be at least 1")
-        for name, value, allowed in (("init", self.init, ("kaiming", "default")), ("gdl_weights", self.gdl_weights, ("batch", "sample")),
-                                     ("val_window", self.val_window, ("auto", "whole", "sliding"))):
-            if value not in allowed: raise BratsError(f"{name} {value!r}: use one of {', '.join(allowed)}")
-        if not 0 <= self.fg_fraction <= 1: raise BratsError(f"fg_fraction {self.fg_fraction} must be in [0, 1]")
-        if min(self.ce_weight, self.bsc_weight, self.bsc_warmup, self.val_every, self.threads) < 0:
-            raise BratsError("ce_weight, bsc_weight, bsc_warmup, val_every and threads must be >= 0")
-        if self.val_data == "heldout" and self.data: raise BratsError("val_data 'heldout' is the held-out set of the bundled samples; "
-                                                                      f"with data {self.data!r} give a folder or leave it empty")
-        check_norm(self.norm); self.mie_norm == "same" or check_norm(self.mie_norm)
-        if self.convention: n_classes(self.convention)          # known, and trainable
-        if self.augment_on not in ("loader", "device"): raise BratsError(f"augment_on {self.augment_on!r}: use loader or device")
-        if self.et_threshold < 0: raise BratsError(f"et_threshold {self.et_threshold} must be >= 0 (0: no ET rule)")
-        if not self.spacing >= 0: raise BratsError(f"spacing {self.spacing} must be >= 0 mm (0: the data's own resolution)")
-        if self.fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {self.fg_balance!r}: use tumour or class")
-        if (self.spacing or self.fg_balance == "class") and not self.cache_dir:
-            raise BratsError("spacing and fg_balance 'class' work on the training cache: set cache_dir ('auto' or a folder)")
-        return self
+    @property
+    def keypoints(self) -> KeypointSettings:
+        "The key point settings of BSC (`05_keypoints`) this run selects its boundary points with."
+        def values(s):
+            v = [float(x) for x in str(s).replace(",", " ").split()]
+            return v[0] if len(v) == 1 else tuple(v)
+        try: return KeypointSettings(values(self.keypoint_n), self.keypoint_t, values(self.keypoint_radius), self.keypoint_seed)
+        except (BratsError, ValueError) as e:
+            raise BratsError(f"keypoint_n {self.keypoint_n!r}, keypoint_t {self.keypoint_t}, keypoint_radius "
+                             f"{self.keypoint_radius!r}: {e}") from None
 
-    def val_protocol(self):
-        """How validation predicts and scores (see `08_inference`). A model with group or instance norm is judged on
-        sliding windows of its training crop size (the statistics it was trained with), one with batch norm whole."""
-        sliding = self.val_window == "sliding" or (self.val_window == "auto" and check_norm(self.norm) in ("group", "instance"))
-        return EvalProtocol(sliding_window=sliding, roi_size=self.crop_size, tta=self.val_tta, spacing=self.spacing)
+# %% ../nbs/09_trainer.ipynb #9788ed0d
+@patch
+def check(self: TrainConfig):
+    "Raise a BratsError for an impossible configuration; returns self."
+    if self.variant not in ARMS: raise BratsError(f"unknown variant {self.variant!r}; use one of {list(ARMS)}")
+    if self.crop_size % 16: raise BratsError(f"crop_size {self.crop_size} must be a multiple of 16")
+    if self.amp not in ("auto", "bf16", "fp16", "none"): raise BratsError(f"amp {self.amp!r}: use auto, bf16, fp16 or none")
+    if self.channels_last not in ("auto", "on", "off"): raise BratsError(f"channels_last {self.channels_last!r}: use auto, on or off")
+    if self.epochs < 1 or self.batch_size < 1: raise BratsError("epochs and batch_size must be at least 1")
+    for name, value, allowed in (("init", self.init, ("kaiming", "default")), ("gdl_weights", self.gdl_weights, ("batch", "sample")),
+                                 ("val_window", self.val_window, ("auto", "whole", "sliding"))):
+        if value not in allowed: raise BratsError(f"{name} {value!r}: use one of {', '.join(allowed)}")
+    if not 0 <= self.fg_fraction <= 1: raise BratsError(f"fg_fraction {self.fg_fraction} must be in [0, 1]")
+    if min(self.ce_weight, self.bsc_weight, self.bsc_warmup, self.val_every, self.threads) < 0:
+        raise BratsError("ce_weight, bsc_weight, bsc_warmup, val_every and threads must be >= 0")
+    if self.val_data == "heldout" and self.data: raise BratsError("val_data 'heldout' is the held-out set of the bundled samples; "
+                                                                  f"with data {self.data!r} give a folder or leave it empty")
+    check_norm(self.norm); self.mie_norm == "same" or check_norm(self.mie_norm)
+    if self.convention: n_classes(self.convention)          # known, and trainable
+    if self.augment_on not in ("loader", "device"): raise BratsError(f"augment_on {self.augment_on!r}: use loader or device")
+    if self.et_threshold < 0: raise BratsError(f"et_threshold {self.et_threshold} must be >= 0 (0: no ET rule)")
+    if not self.spacing >= 0: raise BratsError(f"spacing {self.spacing} must be >= 0 mm (0: the data's own resolution)")
+    if self.fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {self.fg_balance!r}: use tumour or class")
+    if (self.spacing or self.fg_balance == "class") and not self.cache_dir:
+        raise BratsError("spacing and fg_balance 'class' work on the training cache: set cache_dir ('auto' or a folder)")
+    self.keypoints                                          # valid key point settings
+    return self
 
-    def to_dict(self): return asdict(self)
-    def save(self, path): Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+# %% ../nbs/09_trainer.ipynb #06a98613
+@patch
+def val_protocol(self: TrainConfig):
+    """How validation predicts and scores (see `08_inference`). A model with group or instance norm is judged on
+    sliding windows of its training crop size (the statistics it was trained with), one with batch norm whole."""
+    sliding = self.val_window == "sliding" or (self.val_window == "auto" and check_norm(self.norm) in ("group", "instance"))
+    return EvalProtocol(sliding_window=sliding, roi_size=self.crop_size, tta=self.val_tta, spacing=self.spacing)
 
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown: raise BratsError(f"unknown configuration fields {unknown}; known: {sorted(known)}")
-        return cls(**d).check()
+@patch
+def to_dict(self: TrainConfig): return asdict(self)
 
-    @classmethod
-    def from_file(cls, path):
-        try: d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e: raise BratsError(f"{path}: not a readable JSON configuration ({e})") from None
-        return cls.from_dict(d)
+@patch
+def save(self: TrainConfig, path): Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+# %% ../nbs/09_trainer.ipynb #6b58ad7a
+@patch(cls_method=True)
+def from_dict(cls: TrainConfig, d):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown: raise BratsError(f"unknown configuration fields {unknown}; known: {sorted(known)}")
+    return cls(**d).check()
+
+@patch(cls_method=True)
+def from_file(cls: TrainConfig, path):
+    try: d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e: raise BratsError(f"{path}: not a readable JSON configuration ({e})") from None
+    return cls.from_dict(d)
 
 # %% ../nbs/09_trainer.ipynb #25046ca5
 PRESETS = {
@@ -343,30 +377,6 @@ def _tensorboard(out):
     except Exception:  # tensorboard is optional
         return None
 
-def prepare_cache(cfg, cases, d: Dist):
-    """The training cache entries of `cases` (`cfg.cache_dir`; 'auto': the default folder), written where missing by rank 0
-    (in parallel when there are many; `brats-nb preprocess` does it beforehand); every rank gets the entry folders."""
-    cdir = default_cache_dir() if cfg.cache_dir == "auto" else Path(cfg.cache_dir)
-    conv, settings = cfg.convention or None, cache_settings(convention=cfg.convention or None, spacing=cfg.spacing)
-    if d.main:
-        missing = [c for c in cases if find_cache_entry(c, cdir, settings) is None]
-        if missing:
-            s = preprocess(missing, workers=min(len(missing), os.cpu_count() or 1, 8), progress=len(missing) >= 20, convention=conv,
-                           cache_dir=cdir, spacing=cfg.spacing)
-            if s["failed"]: raise BratsError("the training cache could not be written: " + "; ".join(f"{k}: {v}" for k, v in s["failed"].items()))
-    if d.on: dist.barrier()
-    entries = [find_cache_entry(c, cdir, settings) for c in cases]
-    if None in entries: raise BratsError(f"{cases[entries.index(None)]}: no training cache entry in {cdir}")
-    return entries
-
-def prepare_keypoints(cfg, cases, d: Dist):
-    "Make sure every training case has its key point maps (cached; computed once by rank 0)."
-    if d.main:
-        from tqdm.auto import tqdm  # tqdm picks its notebook or terminal form when it is imported
-        for c in tqdm(cases, desc="key points", unit="case", leave=False, disable=len(cases) < 20):
-            preprocess_case(c, convention=cfg.convention or None)  # cached: skipped when up to date (`brats-nb preprocess` does it in parallel beforehand)
-    if d.on: dist.barrier()
-
 # %% ../nbs/09_trainer.ipynb #39de6ef3
 @dataclass
 class Run:
@@ -393,14 +403,10 @@ def setup_run(cfg: TrainConfig):
     train_cases, val_cases = config_cases(cfg)
     conv = label_convention_of(train_cases[0], cfg.convention or None)   # the network's classes follow the labels' convention
     k = n_classes(conv)
-    if cfg.cache_dir:                                              # memory-mapped cache entries: a crop is a slice
-        ds = CachedDataset(prepare_cache(cfg, train_cases, d), cfg.crop_size, seed=cfg.seed, samples_per_case=cfg.samples_per_case,
-                           fg_fraction=cfg.fg_fraction, n_classes=k, augment=cfg.augment_on == "loader", fg_balance=cfg.fg_balance)
-    else:
-        if cfg.uses_bsc: prepare_keypoints(cfg, train_cases, d)
-        ds = BratsDataset(train_cases, cfg.crop_size, augment=cfg.augment_on == "loader", extra=("keypoints",) if cfg.uses_bsc else (),
-                          cache=cfg.cache, seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction,
-                          label_convention=cfg.convention or None, n_classes=k)
+    ds = training_dataset(train_cases, cfg.crop_size, cache_dir=cfg.cache_dir, keypoints=cfg.keypoints, bsc=cfg.uses_bsc,
+                          convention=cfg.convention or None, spacing=cfg.spacing, n_classes=k, seed=cfg.seed,
+                          samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction, fg_balance=cfg.fg_balance,
+                          augment=cfg.augment_on == "loader", cache=cfg.cache, main=d.main, barrier=dist.barrier if d.on else None)
     sampler = EpochSampler(len(ds), cfg.seed, d.rank, d.world)
     loader_kw = dict(batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False, pin_memory=device.type == "cuda",
                      **(dict(prefetch_factor=2, persistent_workers=True) if cfg.workers > 0 else {}))

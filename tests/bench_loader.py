@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from brats_nb.data import BratsDataset, augment_batch, find_cases
-from brats_nb.keypoints import CachedDataset, cache_case, preprocess_case
+from brats_nb.data import find_cases
+from brats_nb.pipeline import BratsDataset, CachedDataset, augment_batch, cache_case, preprocess_case
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real" / "brats21"
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from brats_nb.cli import main
-from brats_nb.data import BratsDataset, BratsError, REGIONS, labels_to_regions, load_case
-from brats_nb.keypoints import (ball_offsets, boundary_voxels, draw_balls, fill_hull, fill_hull_bruteforce, keypoint_files,
-                                keypoint_viewer, keypoints_up_to_date, preprocess, preprocess_case, score_candidates,
-                                select_keypoints, select_region_keypoints, select_region_reference, show_keypoints)
+from brats_nb.data import BratsError, REGIONS, labels_to_regions, load_case
+from brats_nb.keypoints import (ball_offsets, boundary_voxels, draw_balls, fill_hull, fill_hull_bruteforce, keypoint_viewer,
+                                score_candidates, select_keypoints, select_region_keypoints, select_region_reference,
+                                show_keypoints)
+from brats_nb.pipeline import BratsDataset, keypoint_files, keypoints_up_to_date, preprocess, preprocess_case
 from brats_nb.synth import SAMPLES_DIR, make_case, write_case
 
 
@@ -269,7 +270,7 @@ def test_cli_preprocess_in_worker_processes(tmp_path):
 def test_cli_training_cache_in_worker_processes_on_read_only_data(tmp_path):
     "`brats-nb preprocess` fills the cache ($BRATS_NB_CACHE by default) from a read-only data folder; killed, it leaves only whole entries."
     import os, stat
-    from brats_nb.keypoints import cache_settings, find_cache_entry, read_cache_entry
+    from brats_nb.pipeline import cache_settings, find_cache_entry, read_cache_entry
     root = _copy_samples(tmp_path / "data", ("Synth_000", "Synth_001", "Synth_002"))   # (as root, chmod stops nothing: the snapshot checks)
     for q in root.rglob("*"): q.chmod(q.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     root.chmod(root.stat().st_mode & ~stat.S_IWUSR)
