@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from .core import BratsError
 
@@ -42,8 +43,12 @@ def _check(logits_or_probs, target, name):
                          f"(expected {(logits_or_probs.shape[0], *logits_or_probs.shape[2:])})")
     if target.dtype.is_floating_point: target = target.round().long()
     top = logits_or_probs.shape[1] - 1
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) > top):
-        raise BratsError(f"{name}: target classes must be 0..{top}, got values {int(target.min())}..{int(target.max())}")
+    if not target.numel(): return target
+    if target.device.type == "cpu" and not is_fake(target):        # checked here, with the values in the message
+        if int(target.min()) < 0 or int(target.max()) > top:
+            raise BratsError(f"{name}: target classes must be 0..{top}, got values {int(target.min())}..{int(target.max())}")
+    else:                                                          # on a GPU: checked there, without waiting for it
+        torch._assert_async(((target >= 0) & (target <= top)).all(), f"{name}: target classes must be 0..{top}")
     return target
 
 def _gdl_batch(p, g, eps):
@@ -85,8 +90,8 @@ def bsc_loss(rprobs, keypoints):
     den = (w * size).sum(1)                                        # (B,), 0 for a sample without key points
     has = den > 0
     per_sample = 1 - num / torch.where(has, den, 1.0)
-    if not bool(has.any()): return (rprobs * 0).sum()              # nothing to cover: 0, and a zero gradient
-    return per_sample[has].mean()
+    # the mean over the samples that have key points; none: 0 with a zero gradient (no host-side test, so no GPU sync)
+    return (per_sample * has).sum() / has.sum().clamp_min(1)
 
 # %% ../nbs/06_losses.ipynb #70b74d97
 class BratsLoss(nn.Module):
