@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, pick_device
-from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case, find_cases, normalize, labels_to_regions,
-                           classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, windowed, take_slice, png_bytes,
-                           tumour_centre, et_label, n_classes, ERROR_COLORS, CONVENTIONS)
+from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case,
+                           find_cases, normalize, labels_to_regions, classes_to_labels, save_nifti, overlay_rgb,
+                           brain_mask, slice_controls, windowed, take_slice, png_bytes, tumour_centre, et_label,
+                           n_classes, ERROR_COLORS, CONVENTIONS)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
 from .model import load_model, real_checkpoint
 
@@ -29,7 +30,8 @@ __all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', '
 
 # %% ../nbs/08_inference.ipynb #5693ed63
 def pad_to_multiple(x, multiple=16):
-    "Zero-pad the spatial axes of `x` (B, C, *spatial) at their ends to multiples of `multiple`; returns (padded, original size)."
+    """Zero-pad the spatial axes of `x` (B, C, *spatial) at their ends to multiples of `multiple`; returns (padded,
+    original size)."""
     size = tuple(x.shape[2:])
     pad = [p for s in reversed(size) for p in (0, -s % multiple)]
     return (F.pad(x, pad) if any(pad) else x), size
@@ -49,9 +51,12 @@ def _model_device(model):
     return p.device if p is not None else torch.device("cpu")
 
 def _as_image(image):
-    x = image.detach().float().cpu() if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image, np.float32))
-    if x.ndim not in (3, 4): raise BratsError(f"expected an image (C, X, Y, Z) or (C, X, Y), got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all(): raise BratsError(f"the image holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
+    x = (image.detach().float().cpu() if isinstance(image, torch.Tensor)
+         else torch.from_numpy(np.asarray(image, np.float32)))
+    if x.ndim not in (3, 4):
+        raise BratsError(f"expected an image (C, X, Y, Z) or (C, X, Y), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise BratsError(f"the image holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
     return x
 
 # %% ../nbs/08_inference.ipynb #792d9017
@@ -97,7 +102,8 @@ def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, 
 
 # %% ../nbs/08_inference.ipynb #853af25b
 def postprocess_et(label, threshold=500, et_value=3, new_value=1):
-    "A copy of `label` (NumPy or torch) where ET (`et_value`; 3 for classes, 4 for BraTS 2017 labels) becomes `new_value` if it has fewer than `threshold` voxels."
+    """A copy of `label` (NumPy or torch) where ET (`et_value`; 3 for classes, 4 for BraTS 2017 labels) becomes
+    `new_value` if it has fewer than `threshold` voxels."""
     if threshold < 0: raise BratsError(f"the ET threshold must be >= 0, got {threshold}")
     out = label.clone() if isinstance(label, torch.Tensor) else np.array(label, copy=True)
     et = out == et_value
@@ -106,7 +112,8 @@ def postprocess_et(label, threshold=500, et_value=3, new_value=1):
 
 # %% ../nbs/08_inference.ipynb #ed923c02
 def drop_coreless(classes, core=(1, 3)):
-    "A copy of `classes` (NumPy, 0 background) without the 26-connected tumour components that hold no `core` class voxel (NCR 1, ET 3)."
+    """A copy of `classes` (NumPy, 0 background) without the 26-connected tumour components that hold no `core` class
+    voxel (NCR 1, ET 3)."""
     from scipy import ndimage
     out = np.array(classes, copy=True)
     comp, n = ndimage.label(out > 0, structure=np.ones((3,) * out.ndim))
@@ -117,38 +124,46 @@ def drop_coreless(classes, core=(1, 3)):
 
 # %% ../nbs/08_inference.ipynb #3a8ddaea
 def argmax_classes(probs, mask=None):
-    "The most probable class per voxel, uint8 NumPy (as `probs.argmax(0)`, ties to the lower class, but fast on CPU); 0 outside `mask`."
+    """The most probable class per voxel, uint8 NumPy (as `probs.argmax(0)`, ties to the lower class, but fast on CPU);
+    0 outside `mask`."""
     p = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
     best, out = p[0].copy(), np.zeros(p.shape[1:], np.uint8)
     for c in range(1, p.shape[0]):
         m = p[c] > best
-        out[m] = c; np.maximum(best, p[c], out=best)
+        out[m] = c
+        np.maximum(best, p[c], out=best)
     if mask is not None:
-        if mask.shape != out.shape: raise BratsError(f"the brain mask has shape {tuple(mask.shape)}, the prediction {out.shape}")
+        if mask.shape != out.shape:
+            raise BratsError(f"the brain mask has shape {tuple(mask.shape)}, the prediction {out.shape}")
         out[~np.asarray(mask, bool)] = 0
     return out
 
+# %% ../nbs/08_inference.ipynb #2ba6a620
 def predict_case(model, case, out_path=None, tta=False, sliding_window=False, postprocess=True, et_threshold=500,
-                 convention=None, roi_size=128, overlap=0.5, sw_batch_size=1, device=None, amp=False, return_probs=False,
-                 mask_background=True, need_core=False, spacing=0.0):
-    """Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path` if given.
-    With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network says;
-    with `need_core`, tumour components without a core are dropped (`drop_coreless`). With `spacing` > 0 (a model
-    trained at that resolution, the laptop recipe) the network sees a copy resampled to it (`predict_resampled`)."""
+                 convention=None, roi_size=128, overlap=0.5, sw_batch_size=1, device=None, amp=False,
+                 return_probs=False, mask_background=True, need_core=False, spacing=0.0):
+    """Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path`
+    if given. With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network
+    says; with `need_core`, tumour components without a core are dropped (`drop_coreless`). With `spacing` > 0 (a
+    model trained at that resolution, the laptop recipe) the network sees a copy resampled to it
+    (`predict_resampled`)."""
     if not isinstance(case, Case): case = load_case(case, load_label=False)   # a prediction needs no ground truth
     if spacing:
         if return_probs or not mask_background:
-            raise BratsError(f"a prediction through a {spacing:g} mm copy returns labels only and keeps the background outside the brain")
-        return predict_resampled(model, case, spacing, out_path=out_path, postprocess=postprocess, et_threshold=et_threshold,
-                                 convention=convention, device=device, amp=amp, need_core=need_core, tta=tta,
-                                 sliding_window=sliding_window, roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
+            raise BratsError(f"a prediction through a {spacing:g} mm copy returns labels only and keeps the background "
+                             "outside the brain")
+        return predict_resampled(model, case, spacing, out_path=out_path, postprocess=postprocess,
+                                 et_threshold=et_threshold, convention=convention, device=device, amp=amp,
+                                 need_core=need_core, tta=tta, sliding_window=sliding_window, roi_size=roi_size,
+                                 overlap=overlap, sw_batch_size=sw_batch_size)
     convention = convention or case.label_convention
     et_label(convention)
     probs = predict_volume(model, normalize(case.image), tta=tta, sliding_window=sliding_window, roi_size=roi_size,
                            overlap=overlap, sw_batch_size=sw_batch_size, device=device, amp=amp)
     if probs.shape[0] - 1 > n_classes(convention):
-        raise BratsError(f"the network predicts {probs.shape[0] - 1} tissue classes; the {convention} labels of {case.name!r} have "
-                         f"{n_classes(convention)}: pass the convention it was trained in (convention=..., --convention)")
+        raise BratsError(f"the network predicts {probs.shape[0] - 1} tissue classes; the {convention} labels of "
+                         f"{case.name!r} have {n_classes(convention)}: pass the convention it was trained in "
+                         "(convention=..., --convention)")
     classes = argmax_classes(probs, brain_mask(case.image) if mask_background else None)
     if postprocess: classes = postprocess_et(classes, et_threshold)
     if need_core: classes = drop_coreless(classes)
@@ -174,10 +189,11 @@ def predict_folder(model, data_dir, out_dir, verbose=True, **kw):
 
 # %% ../nbs/08_inference.ipynb #112ba7bb
 @torch.no_grad()
-def predict_resampled(model, case, target=2.0, margin=4, out_path=None, postprocess=True, et_threshold=500, convention=None,
-                      device=None, amp=False, need_core=False, **predict_kwargs):
+def predict_resampled(model, case, target=2.0, margin=4, out_path=None, postprocess=True, et_threshold=500,
+                      convention=None, device=None, amp=False, need_core=False, **predict_kwargs):
     """Label map (X, Y, Z) uint8 of a full-resolution case from a model trained on copies made by `downsample_case`
-    (same `target` and `margin`); written to `out_path` if given. `predict_kwargs` go to `predict_volume` (tta, windows)."""
+    (same `target` and `margin`); written to `out_path` if given. `predict_kwargs` go to `predict_volume` (tta,
+    windows)."""
     if not isinstance(case, Case): case = load_case(case, load_label=False)
     convention = convention or case.label_convention
     et_label(convention)
@@ -185,7 +201,8 @@ def predict_resampled(model, case, target=2.0, margin=4, out_path=None, postproc
     factors = resample_factors(case.spacing, target)
     box = whole_blocks(brain_box(case.image, margin), factors, case.shape)
     probs = predict_volume(model, normalize(small.image), device=device, amp=amp, **predict_kwargs)
-    big = F.interpolate(probs[None], size=tuple(s.stop - s.start for s in box), mode="trilinear", align_corners=False)[0]
+    big = F.interpolate(probs[None], size=tuple(s.stop - s.start for s in box), mode="trilinear",
+                        align_corners=False)[0]
     classes = np.zeros(case.shape, np.uint8)
     classes[box] = argmax_classes(big, brain_mask(case.image[(slice(None),) + box]))
     if postprocess: classes = postprocess_et(classes, et_threshold)
@@ -207,12 +224,14 @@ class EvalProtocol:
     hd95: bool = False            # also the 95th-percentile Hausdorff distance (slower)
     mask_background: bool = True  # background wherever every modality is 0
     need_core: bool = False       # drop tumour components without a core voxel (`drop_coreless`)
-    spacing: float = 0.0          # > 0: predict through a copy resampled to this many mm (a laptop-recipe model), label at full resolution
+    spacing: float = 0.0          # > 0: predict through a copy resampled to this many mm (a laptop-recipe model),
+                                  # label at full resolution
 
     @property
     def name(self):
         "A short description for tables and logs."
-        parts = [f"sliding {self.roi_size}³ windows (overlap {self.overlap:g})" if self.sliding_window else "whole volume"]
+        parts = [f"sliding {self.roi_size}³ windows (overlap {self.overlap:g})" if self.sliding_window
+                 else "whole volume"]
         if self.tta: parts.append("8-flip TTA")
         if self.postprocess: parts.append(f"ET < {self.et_threshold} voxels relabelled")
         if self.need_core: parts.append("tumour without a core dropped")
@@ -234,7 +253,8 @@ def case_means(rows):
     return mean
 
 @torch.no_grad()
-def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False, out_dir=None, verbose=False, convention=None):
+def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False, out_dir=None, verbose=False,
+                   convention=None):
     """Predict each labelled case (folder or `Case`) by `protocol` and score it against its ground truth.
     Returns (rows, mean): a dict per case (`case`, `Dice_WT`, ... and `HD95_*` with `protocol.hd95`) and their means,
     with `Dice_mean` the mean over the three regions. Predictions are written to `out_dir/<case>.nii.gz` if given."""
@@ -247,14 +267,15 @@ def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False
         label = predict_case(model, case, path, device=device, amp=amp, **protocol.predict_kwargs())
         if protocol.hd95: row = flat_metrics(region_metrics(label, case.label, case.spacing, case.label_convention))
         else:
-            pr, gr = labels_to_regions(label, case.label_convention), labels_to_regions(case.label, case.label_convention)
+            pr = labels_to_regions(label, case.label_convention)
+            gr = labels_to_regions(case.label, case.label_convention)
             row = {f"Dice_{r}": dice(pr[i], gr[i]) for i, r in enumerate(REGIONS)}
         rows.append({"case": case.name, **row})
         if verbose: print(case.name, " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
     return rows, case_means(rows)
 
 # %% ../nbs/08_inference.ipynb #43fa6c5c
-# ERROR_COLORS (00_data): none of the label colours (NCR red, ED green, ET yellow), so an error never reads as a tumour class
+# ERROR_COLORS (00_data) avoid the label colours (NCR red, ED green, ET yellow): an error never reads as a tumour class
 def _hex(rgb): return "#" + "".join(f"{int(round(255 * v)):02x}" for v in rgb)
 
 def disagreement_rgb(gray, pred_mask, gt_mask, alpha=0.6):
@@ -273,25 +294,50 @@ def uncertainty_rgb(gray, unc, vmax=0.5, cmap="inferno"):
     g3 = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
     return (1 - np.sqrt(u)) * g3 + np.sqrt(u) * heat
 
+# %% ../nbs/08_inference.ipynb #84a48bc5
 def _prediction_inputs(case, prediction, pred_convention):
     if not isinstance(case, Case): case = load_case(case)
-    if case.label is None: raise BratsError(f"case {case.name!r} has no label file; the viewer compares a prediction with the ground truth")
+    if case.label is None:
+        raise BratsError(f"case {case.name!r} has no label file; "
+                         "the viewer compares a prediction with the ground truth")
     if isinstance(prediction, (str, Path)):
         prediction, conv = load_prediction(prediction, case)
         pred_convention = pred_convention or conv
     prediction = np.asarray(prediction)
-    if prediction.shape != case.shape: raise BratsError(f"prediction shape {prediction.shape} differs from case {case.name!r} {case.shape}")
+    if prediction.shape != case.shape:
+        raise BratsError(f"prediction shape {prediction.shape} differs from case {case.name!r} {case.shape}")
     pred_convention = pred_convention or case.label_convention
-    return case, prediction, labels_to_regions(prediction, pred_convention), labels_to_regions(case.label, case.label_convention), pred_convention
+    return (case, prediction, labels_to_regions(prediction, pred_convention),
+            labels_to_regions(case.label, case.label_convention), pred_convention)
 
 def _errors_per_slice(pr, gr, axis):
     other = tuple(a for a in range(3) if a != axis)
     return (pr & ~gr).sum(other), (~pr & gr).sum(other)
 
+# %% ../nbs/08_inference.ipynb #4cd58626
+def _error_panels(case, flair, prediction, pconv, p, g, a, i, uncertainty=None):
+    "The viewer's image of slice `i` along axis `a`: ground truth | prediction | errors (`p`, `g`) [| TTA spread]."
+    gray = take_slice(flair, a, i)
+    panels = [overlay_rgb(gray, take_slice(case.label, a, i), case.label_convention),
+              overlay_rgb(gray, take_slice(prediction, a, i), pconv), disagreement_rgb(gray, p, g)]
+    if uncertainty is not None: panels.append(uncertainty_rgb(gray, take_slice(uncertainty, a, i)))
+    sep = np.ones((gray.shape[0], 3, 3), np.float32)
+    return np.concatenate([x for q in panels for x in (q, sep)][:-1], 1)
+
+def _error_info(case, region, axis, i, last, p, g, dice_volume, spread):
+    "The viewer's info line (HTML) for slice `i` of `last`: panels, TP, FP and FN voxels, the region's Dice."
+    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
+    return (f"<b>{case.name}</b> · ground truth | prediction | {region} errors{' | TTA spread' if spread else ''} · "
+            f"{axis} {i}/{last} · "
+            f"<span style='color:{_hex(ERROR_COLORS['TP'])};background:#444'>TP {tp}</span> "
+            f"<span style='color:{_hex(ERROR_COLORS['FP'])}'>FP {fp}</span> "
+            f"<span style='color:{_hex(ERROR_COLORS['FN'])}'>FN {fn}</span> · "
+            f"Dice {region} (volume) {dice_volume:.3f}")
+
 # %% ../nbs/08_inference.ipynb #a84230f9
 def prediction_viewer(case, prediction, region="WT", axis="axial", pred_convention=None, scale=2, uncertainty=None):
-    """Widget: ground truth, prediction and their disagreement (TP, FP, FN) for a region, slice by slice; with `uncertainty`
-    (X, Y, Z in [0, 0.5], e.g. `tta_uncertainty`) a fourth panel shows it. Returns the widget."""
+    """Widget: ground truth, prediction and their disagreement (TP, FP, FN) for a region, slice by slice; with
+    `uncertainty` (X, Y, Z in [0, 0.5], e.g. `tta_uncertainty`) a fourth panel shows it. Returns the widget."""
     import ipywidgets as W
     case, prediction, pred_r, gt_r, pconv = _prediction_inputs(case, prediction, pred_convention)
     flair = windowed(case.image)[case.modalities.index("flair")]
@@ -306,17 +352,10 @@ def prediction_viewer(case, prediction, region="WT", axis="axial", pred_conventi
 
     def draw(*_):
         a, i, r = AXES[ax_dd.value], sl.value, REGIONS.index(reg_dd.value)
-        gray = take_slice(flair, a, i)
         p, g = take_slice(pred_r[r], a, i), take_slice(gt_r[r], a, i)
-        panels = [overlay_rgb(gray, take_slice(case.label, a, i), case.label_convention),
-                  overlay_rgb(gray, take_slice(prediction, a, i), pconv), disagreement_rgb(gray, p, g)]
-        if uncertainty is not None: panels.append(uncertainty_rgb(gray, take_slice(uncertainty, a, i)))
-        sep = np.ones((gray.shape[0], 3, 3), np.float32)
-        img.value = png_bytes(np.concatenate([x for q in panels for x in (q, sep)][:-1], 1), scale)
-        tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
-        info.value = (f"<b>{case.name}</b> · ground truth | prediction | {reg_dd.value} errors{' | TTA spread' if uncertainty is not None else ''} · {ax_dd.value} {i}/{sl.max} · "
-                      f"<span style='color:{_hex(ERROR_COLORS['TP'])};background:#444'>TP {tp}</span> <span style='color:{_hex(ERROR_COLORS['FP'])}'>FP {fp}</span> "
-                      f"<span style='color:{_hex(ERROR_COLORS['FN'])}'>FN {fn}</span> · Dice {reg_dd.value} (volume) {dices[reg_dd.value]:.3f}")
+        img.value = png_bytes(_error_panels(case, flair, prediction, pconv, p, g, a, i, uncertainty), scale)
+        info.value = _error_info(case, reg_dd.value, ax_dd.value, i, sl.max, p, g, dices[reg_dd.value],
+                                 uncertainty is not None)
 
     def on_worst(*_):
         r = REGIONS.index(reg_dd.value)
@@ -333,7 +372,8 @@ def prediction_viewer(case, prediction, region="WT", axis="axial", pred_conventi
 
 # %% ../nbs/08_inference.ipynb #85b85210
 def show_prediction(case, prediction, axis="axial", index=None, pred_convention=None, figsize=(11, 7)):
-    "Static figure: per region, the ground truth, the prediction, the disagreement on one slice and the FP/FN count per slice."
+    """Static figure: per region, the ground truth, the prediction, the disagreement on one slice and the FP/FN count
+    per slice."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     case, prediction, pred_r, gt_r, pconv = _prediction_inputs(case, prediction, pred_convention)
@@ -343,18 +383,24 @@ def show_prediction(case, prediction, axis="axial", index=None, pred_convention=
     fig, axs = plt.subplots(3, 4, figsize=figsize, gridspec_kw=dict(width_ratios=[1, 1, 1, 1.4]))
     for r, name in enumerate(REGIONS):
         p, g = take_slice(pred_r[r], a, index), take_slice(gt_r[r], a, index)
-        axs[r, 0].imshow(overlay_rgb(gray, np.where(g, 4, 0), "brats2017", 0.5)); axs[r, 0].set_title(f"{name}: ground truth", fontsize=9)
-        axs[r, 1].imshow(overlay_rgb(gray, np.where(p, 4, 0), "brats2017", 0.5)); axs[r, 1].set_title(f"{name}: prediction", fontsize=9)
-        axs[r, 2].imshow(disagreement_rgb(gray, p, g)); axs[r, 2].set_title(f"{name}: Dice {dice(pred_r[r], gt_r[r]):.3f}", fontsize=9)
+        axs[r, 0].imshow(overlay_rgb(gray, np.where(g, 4, 0), "brats2017", 0.5))
+        axs[r, 0].set_title(f"{name}: ground truth", fontsize=9)
+        axs[r, 1].imshow(overlay_rgb(gray, np.where(p, 4, 0), "brats2017", 0.5))
+        axs[r, 1].set_title(f"{name}: prediction", fontsize=9)
+        axs[r, 2].imshow(disagreement_rgb(gray, p, g))
+        axs[r, 2].set_title(f"{name}: Dice {dice(pred_r[r], gt_r[r]):.3f}", fontsize=9)
         for c in range(3): axs[r, c].axis("off")
         fp, fn = _errors_per_slice(pred_r[r], gt_r[r], a)
         axs[r, 3].fill_between(range(len(fp)), fp, color=ERROR_COLORS["FP"], alpha=0.6, label="FP")
         axs[r, 3].fill_between(range(len(fn)), -fn, color=ERROR_COLORS["FN"], alpha=0.6, label="FN (below 0)")
-        axs[r, 3].axvline(index, color="k", lw=0.8); axs[r, 3].set_xlabel(f"{axis} slice", fontsize=8)
+        axs[r, 3].axvline(index, color="k", lw=0.8)
+        axs[r, 3].set_xlabel(f"{axis} slice", fontsize=8)
         axs[r, 3].tick_params(labelsize=7)
-    axs[0, 3].legend(fontsize=7); axs[0, 3].set_title("error voxels per slice", fontsize=9)
+    axs[0, 3].legend(fontsize=7)
+    axs[0, 3].set_title("error voxels per slice", fontsize=9)
     axs[0, 2].legend(handles=[Patch(color=c, label=k) for k, c in ERROR_COLORS.items()], fontsize=7, loc="lower right")
-    fig.suptitle(f"{case.name}: {axis} slice {index}"); fig.tight_layout()
+    fig.suptitle(f"{case.name}: {axis} slice {index}")
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/08_inference.ipynb #32a2809e
@@ -369,7 +415,7 @@ def tta_uncertainty(model, case, region="WT", device=None):
     x = normalize(case.image)
     probs = []
     for f in tta_flips():
-        axes = tuple(d - 1 for d in f)                               # tensor dims (B, C, X, Y, Z) -> array axes (C, X, Y, Z)
+        axes = tuple(d - 1 for d in f)               # tensor dims (B, C, X, Y, Z) -> array axes (C, X, Y, Z)
         pr = predict_volume(model, np.ascontiguousarray(np.flip(x, axes)) if f else x, device=device).numpy()
         pr = np.flip(pr, axes) if f else pr
         probs.append(pr[list(REGION_CLASSES[region])].sum(0))
@@ -379,64 +425,82 @@ def tta_uncertainty(model, case, region="WT", device=None):
 
 # %% ../nbs/08_inference.ipynb #f93af999
 def add_cli(sub):
-    p = sub.add_parser("predict", help="predict label maps for the cases of a folder (with a trained checkpoint, or the shipped real-data model)",
-                       description="Predict every case of DATA_DIR with the network of CHECKPOINT (default: the real-data model that "
-                                   "ships with brats_nb) and write OUT_DIR/<case>.nii.gz (the input's affine and header, labels in "
-                                   "the input's convention: ET = 4 for BraTS 2017-2021 files, 3 for 2023 files). A model trained at a "
-                                   "reduced resolution (the laptop preset) predicts through a copy at that resolution, in sliding "
-                                   "windows of its crop, and writes full resolution: its checkpoint says how.")
+    p = sub.add_parser("predict", help="predict label maps for the cases of a folder (with a trained checkpoint, or "
+                                       "the shipped real-data model)",
+                       description="Predict every case of DATA_DIR with the network of CHECKPOINT (default: the "
+                                   "real-data model that ships with brats_nb) and write OUT_DIR/<case>.nii.gz (the "
+                                   "input's affine and header, labels in the input's convention: ET = 4 for BraTS "
+                                   "2017-2021 files, 3 for 2023 files). A model trained at a reduced resolution (the "
+                                   "laptop preset) predicts through a copy at that resolution, in sliding windows of "
+                                   "its crop, and writes full resolution: its checkpoint says how.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?", default=None,
-                   help="a brats_nb checkpoint (best.pt or latest.pt of a training run); default: the shipped real-data model")
+                   help="a brats_nb checkpoint (best.pt or latest.pt of a training run); default: the shipped "
+                        "real-data model")
     p.add_argument("data_dir", metavar="DATA_DIR", help="a BraTS case folder or a folder of cases")
     p.add_argument("--out", required=True, help="output folder for <case>.nii.gz")
-    p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips (8 times slower)")
-    p.add_argument("--sliding-window", action="store_true", help="predict in overlapping windows (less memory) instead of the whole volume")
-    p.add_argument("--roi-size", type=int, default=None, help="sliding window size, a multiple of 16 (default: the model's crop for "
-                                                                   "a reduced-resolution model, else 128)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding window overlap in [0, 1) (default 0.5)")
-    p.add_argument("--et-threshold", type=int, default=None, help="fewer predicted ET voxels than this become label 1 (default: the "
-                                                                       "checkpoint's training configuration's, else 500; 0 disables)")
-    p.add_argument("--no-postprocess", action="store_true", help="skip the ET post-processing")
-    p.add_argument("--no-brain-mask", action="store_true", help="keep tumour labels outside the brain (voxels where every modality is 0)")
-    p.add_argument("--drop-coreless", action="store_true", help="drop predicted tumour components that hold no core (NCR or ET) voxel, as "
-                                                                 "the demo does (default: as the checkpoint's configuration says)")
+    _add_predict_options(p)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on a GPU")
     p.add_argument("--variant", default=None, help="refuse a checkpoint of another variant")
     p.add_argument("--convention", default=None, choices=[k for k, c in CONVENTIONS.items() if c.classes],
-                   help="label numbering of the written predictions (default: the data's: brats2017 for the 2017-2021 file names, "
-                        "brats2023 for 2023+, msd for a Decathlon task)")
+                   help="label numbering of the written predictions (default: the data's: brats2017 for the "
+                        "2017-2021 file names, brats2023 for 2023+, msd for a Decathlon task)")
     p.add_argument("--downsampled", type=float, default=None, metavar="MM",
-                   help="the model was trained on `brats-nb downsample --spacing MM` copies: predict through such a copy, write full "
-                        "resolution (default: the training spacing the checkpoint records; 0 for none)")
-    def run(a):
-        device = pick_device(a.device)
-        if device.type == "cpu": ThreadGovernor().update()   # the cores other processes leave idle (or OMP_NUM_THREADS)
-        if a.et_threshold is not None and a.et_threshold < 0: raise BratsError(f"--et-threshold must be >= 0, got {a.et_threshold}")
-        cases = find_cases(a.data_dir)  # bad data fails before the model is loaded and before anything is written
-        check_apart(a.out, [a.data_dir])
-        ckpt = a.checkpoint or real_checkpoint()
-        if a.checkpoint is None:
-            print(f"no CHECKPOINT given: using the real-data model shipped with brats_nb ({ckpt}; its model card: "
-                  f"{ckpt.with_suffix('.md').name} beside it). A teaching and research model: not for clinical use.")
-        model, config = load_model(ckpt, device=device, variant=a.variant)
-        train_cfg = config.get("train", {})
-        spacing = float(train_cfg.get("spacing") or 0) if a.downsampled is None else a.downsampled
-        if spacing < 0 or (spacing and a.no_brain_mask):
-            raise BratsError("--downsampled needs a spacing in mm >= 0, and a reduced-resolution model predicts inside the brain only "
-                             "(no --no-brain-mask)")
-        sliding = a.sliding_window or bool(spacing and a.roi_size is None and train_cfg.get("crop_size"))   # the crops it saw
-        roi = a.roi_size or (int(train_cfg.get("crop_size", 128)) if spacing else 128)
-        print(f"{len(cases)} cases, model {config.get('model', {}).get('variant', '?')} on {device}, "
-              f"{'8-flip TTA' if a.tta else 'no TTA'}, {'sliding window ' + str(roi) if sliding else 'whole volume'}"
-              + (f", through a {spacing:g} mm copy" if spacing else ""))
-        et_threshold = int(train_cfg.get("et_threshold", 500)) if a.et_threshold is None else a.et_threshold
-        kw = dict(tta=a.tta, sliding_window=sliding, roi_size=roi, overlap=a.overlap, postprocess=not a.no_postprocess and et_threshold > 0,
-                  et_threshold=et_threshold, device=device, amp=a.amp, convention=a.convention,
-                  need_core=a.drop_coreless or bool(train_cfg.get("need_core", False)))
-        paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, spacing=spacing, **kw)
-        print(f"wrote {len(paths)} predictions to {Path(a.out).resolve()}")
-    p.set_defaults(func=run)
+                   help="the model was trained on `brats-nb downsample --spacing MM` copies: predict through such a "
+                        "copy, write full resolution (default: the training spacing the checkpoint records; 0 for "
+                        "none)")
+    p.set_defaults(func=_run_predict)
+
+# %% ../nbs/08_inference.ipynb #a4c15cff
+def _add_predict_options(p):
+    "The prediction options of `brats-nb predict` (in the order `--help` lists them)."
+    p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips (8 times slower)")
+    p.add_argument("--sliding-window", action="store_true",
+                   help="predict in overlapping windows (less memory) instead of the whole volume")
+    p.add_argument("--roi-size", type=int, default=None, help="sliding window size, a multiple of 16 (default: the "
+                                                              "model's crop for a reduced-resolution model, else 128)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--et-threshold", type=int, default=None,
+                   help="fewer predicted ET voxels than this become label 1 (default: the checkpoint's training "
+                        "configuration's, else 500; 0 disables)")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the ET post-processing")
+    p.add_argument("--no-brain-mask", action="store_true",
+                   help="keep tumour labels outside the brain (voxels where every modality is 0)")
+    p.add_argument("--drop-coreless", action="store_true",
+                   help="drop predicted tumour components that hold no core (NCR or ET) voxel, as the demo does "
+                        "(default: as the checkpoint's configuration says)")
+
+# %% ../nbs/08_inference.ipynb #62aff3ae
+def _run_predict(a):
+    "Run `brats-nb predict` with the parsed arguments `a`."
+    device = pick_device(a.device)
+    if device.type == "cpu": ThreadGovernor().update()   # the cores other processes leave idle (or OMP_NUM_THREADS)
+    if a.et_threshold is not None and a.et_threshold < 0:
+        raise BratsError(f"--et-threshold must be >= 0, got {a.et_threshold}")
+    cases = find_cases(a.data_dir)  # bad data fails before the model is loaded and before anything is written
+    check_apart(a.out, [a.data_dir])
+    ckpt = a.checkpoint or real_checkpoint()
+    if a.checkpoint is None:
+        print(f"no CHECKPOINT given: using the real-data model shipped with brats_nb ({ckpt}; its model card: "
+              f"{ckpt.with_suffix('.md').name} beside it). A teaching and research model: not for clinical use.")
+    model, config = load_model(ckpt, device=device, variant=a.variant)
+    train_cfg = config.get("train", {})
+    spacing = float(train_cfg.get("spacing") or 0) if a.downsampled is None else a.downsampled
+    if spacing < 0 or (spacing and a.no_brain_mask):
+        raise BratsError("--downsampled needs a spacing in mm >= 0, and a reduced-resolution model predicts inside "
+                         "the brain only (no --no-brain-mask)")
+    # a reduced-resolution model predicts in windows of the crops it saw
+    sliding = a.sliding_window or bool(spacing and a.roi_size is None and train_cfg.get("crop_size"))
+    roi = a.roi_size or (int(train_cfg.get("crop_size", 128)) if spacing else 128)
+    print(f"{len(cases)} cases, model {config.get('model', {}).get('variant', '?')} on {device}, "
+          f"{'8-flip TTA' if a.tta else 'no TTA'}, {'sliding window ' + str(roi) if sliding else 'whole volume'}"
+          + (f", through a {spacing:g} mm copy" if spacing else ""))
+    et_threshold = int(train_cfg.get("et_threshold", 500)) if a.et_threshold is None else a.et_threshold
+    kw = dict(tta=a.tta, sliding_window=sliding, roi_size=roi, overlap=a.overlap,
+              postprocess=not a.no_postprocess and et_threshold > 0, et_threshold=et_threshold, device=device,
+              amp=a.amp, convention=a.convention, need_core=a.drop_coreless or bool(train_cfg.get("need_core", False)))
+    paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, spacing=spacing, **kw)
+    print(f"wrote {len(paths)} predictions to {Path(a.out).resolve()}")
 
 # %% ../nbs/08_inference.ipynb #e8e3c397
 def _sync(device):
@@ -447,7 +511,8 @@ def model_in_channels(model):
     return int(getattr(model, "in_channels", 4))
 
 def benchmark_inference(model, shape=(96, 96, 96), device="cpu", repeats=3, warmup=1, tta=(False, True), amp=False):
-    "Time `predict_volume` on random images of each `shape` (a tuple or a list of tuples) with and without TTA: rows of dicts."
+    """Time `predict_volume` on random images of each `shape` (a tuple or a list of tuples) with and without TTA: rows
+    of dicts."""
     device = pick_device(device)
     model = model.to(device).eval()
     shapes = [tuple(shape)] if isinstance(shape[0], int) else [tuple(s) for s in shape]
@@ -458,7 +523,8 @@ def benchmark_inference(model, shape=(96, 96, 96), device="cpu", repeats=3, warm
         for t in tta:
             times = []
             for k in range(warmup + repeats):
-                _sync(device); t0 = time.perf_counter()
+                _sync(device)
+                t0 = time.perf_counter()
                 predict_volume(model, x, tta=t, device=device, amp=amp)
                 _sync(device)
                 if k >= warmup: times.append(time.perf_counter() - t0)
@@ -468,9 +534,11 @@ def benchmark_inference(model, shape=(96, 96, 96), device="cpu", repeats=3, warm
                              device=str(device), median_s=med, min_s=float(min(times)), ratio=med / ref))
     return rows
 
+# %% ../nbs/08_inference.ipynb #1fb854a7
 def format_inference_bench(rows):
     "The rows of `benchmark_inference` as a text table."
     lines = [f"{'shape':>14s} {'TTA':>8s} {'forwards':>8s} {'device':>7s} {'median s':>9s} {'min s':>8s} {'ratio':>6s}"]
     for r in rows:
-        lines.append(f"{r['shape']:>14s} {r['tta']:>8s} {r['forwards']:>8d} {r['device']:>7s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['ratio']:6.2f}")
+        lines.append(f"{r['shape']:>14s} {r['tta']:>8s} {r['forwards']:>8d} {r['device']:>7s} {r['median_s']:9.3f} "
+                     f"{r['min_s']:8.3f} {r['ratio']:6.2f}")
     return "\n".join(lines)

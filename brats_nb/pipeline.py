@@ -19,11 +19,12 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .core import BratsError, atomic_path, check_apart
-from .data import (REGIONS, CONVENTIONS, CaseFiles, find_cases, load_case, save_nifti, case_files, get_convention,
-                           brain_box, normalize, labels_to_classes, check_classes, convention_of_label, read_nifti,
-                           downsample_case)
+from .data import (REGIONS, CONVENTIONS, CaseFiles, find_cases, load_case, save_nifti, case_files,
+                           get_convention, brain_box, normalize, labels_to_classes, check_classes, convention_of_label,
+                           read_nifti, downsample_case)
 from .keypoints import KeypointSettings, keypoint_settings, select_keypoints
 
 # %% auto #0
@@ -44,8 +45,9 @@ def centred_corner(centre, size, shape):
 
 # %% ../nbs/05a_pipeline.ipynb #a6850540
 class RandTumourCropd:
-    """Crop `keys` to `size`: with probability `fg_fraction` centred on a random tumour voxel of `label`, else uniformly.
-    A MONAI randomizable dictionary transform (MONAI is imported on first use, as in `training_transforms`)."""
+    """Crop `keys` to `size`: with probability `fg_fraction` centred on a random tumour voxel of `label`, else
+    uniformly. A MONAI randomizable dictionary transform (MONAI is imported on first use, as in
+    `training_transforms`)."""
     def __new__(cls, keys, size, fg_fraction=0.5, label_key="label"):
         from monai.transforms import MapTransform, Randomizable
         class _Crop(Randomizable, MapTransform):
@@ -65,12 +67,14 @@ class RandTumourCropd:
                 box = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(st, self.size))
                 for k in self.key_iterator(d): d[k] = d[k][box]
                 return d
-            def __reduce__(self): return (RandTumourCropd, (list(self.keys), self.size, self.fg_fraction, self.label_key))
+            def __reduce__(self):
+                return (RandTumourCropd, (list(self.keys), self.size, self.fg_fraction, self.label_key))
         return _Crop()
 
 # %% ../nbs/05a_pipeline.ipynb #d5d7b920
 def training_transforms(crop_size, augment=True, extra_keys=(), fg_fraction=0.0):
-    "The MONAI transform chain of `BratsDataset`: pad, random crop (tumour-centred with probability `fg_fraction`), the paper's augmentation."
+    """The MONAI transform chain of `BratsDataset`: pad, random crop (tumour-centred with probability `fg_fraction`),
+    the paper's augmentation."""
     from monai import transforms as T
     spatial = ["image", "label", *extra_keys]
     nearest = ["nearest"] * (1 + len(extra_keys))
@@ -90,9 +94,10 @@ def training_transforms(crop_size, augment=True, extra_keys=(), fg_fraction=0.0)
 AUG_MAX_ANGLE = float(np.deg2rad(10))   # the paper's rotation range, per axis
 
 def augment_params(n, channels=4, generator=None, max_angle=AUG_MAX_ANGLE, scale=0.1, shift=0.1):
-    """Random parameters of the training augmentation for `n` samples, drawn on the CPU from `generator`: `angles` (n, 3)
-    about array axes 0, 1, 2 in U(-max_angle, max_angle), `flips` (n, 3) each with probability 1/2, and per channel a
-    `scale` factor 1 + U(-scale, scale) and a `shift` U(-shift, shift) (as `training_transforms`' MONAI chain)."""
+    """Random parameters of the training augmentation for `n` samples, drawn on the CPU from `generator`: `angles`
+    (n, 3) about array axes 0, 1, 2 in U(-max_angle, max_angle), `flips` (n, 3) each with probability 1/2, and per
+    channel a `scale` factor 1 + U(-scale, scale) and a `shift` U(-shift, shift) (as `training_transforms`' MONAI
+    chain)."""
     u = lambda *s: torch.rand(*s, generator=generator, dtype=torch.float64)
     return dict(angles=(2 * u(n, 3) - 1) * max_angle, flips=u(n, 3) < 0.5,
                 scale=1 + (2 * u(n, channels) - 1) * scale, shift=(2 * u(n, channels) - 1) * shift)
@@ -105,10 +110,11 @@ def _rotation(axis, a):
     r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
     return r
 
+# %% ../nbs/05a_pipeline.ipynb #47a3088a
 def augment_theta(params, shape):
     """The `affine_grid` matrices (n, 3, 4) that rotate each sample about the crop's centre (x, then y, then z, in voxel
     space: a cube stays a cube whatever the crop's shape) and then flip it: output(v) = input(Rᵀ F v)."""
-    size = torch.tensor(shape, dtype=torch.float64) / 2          # normalised -> centred voxel coordinates (align_corners=False)
+    size = torch.tensor(shape, dtype=torch.float64) / 2  # normalised -> centred voxel coordinates (align_corners=False)
     out = []
     for a, f in zip(params["angles"].tolist(), params["flips"]):
         r = _rotation(0, a[0]) @ _rotation(1, a[1]) @ _rotation(2, a[2])
@@ -117,6 +123,7 @@ def augment_theta(params, shape):
         out.append(torch.cat([m, torch.zeros(3, 1, dtype=torch.float64)], 1))
     return torch.stack(out)
 
+# %% ../nbs/05a_pipeline.ipynb #7300f7ca
 def augment_batch(batch, generator=None, params=None):
     """The training augmentation applied to a whole batch on its own device (a GPU, or the CPU): one affine grid per
     sample for rotation and flips (bilinear for `image`, nearest for `label` and `keypoints`, zeros outside), then the
@@ -128,20 +135,23 @@ def augment_batch(batch, generator=None, params=None):
     grid = F.affine_grid(augment_theta(p, shape).to(x.device, torch.float32), (n, c, *shape), align_corners=False)
     out = dict(batch)
     img = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out["image"] = img * p["scale"].to(x.device, torch.float32)[:, :, None, None, None] + p["shift"].to(x.device, torch.float32)[:, :, None, None, None]
-    lab = F.grid_sample(batch["label"][:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    out["image"] = (img * p["scale"].to(x.device, torch.float32)[:, :, None, None, None]
+                    + p["shift"].to(x.device, torch.float32)[:, :, None, None, None])
+    lab = F.grid_sample(batch["label"][:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                        align_corners=False)
     out["label"] = lab[:, 0].round().long()
     if "keypoints" in batch:
-        out["keypoints"] = F.grid_sample(batch["keypoints"].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        out["keypoints"] = F.grid_sample(batch["keypoints"].float(), grid, mode="nearest", padding_mode="zeros",
+                                         align_corners=False)
     return out
-
 
 # %% ../nbs/05a_pipeline.ipynb #c9ea0303
 def load_extra(files: CaseFiles, suffix, shape=None):
     "Read an extra per-case map (X, Y, Z) or (X, Y, Z, C) written beside the case, as (C, X, Y, Z) float32."
     p = files.extra(suffix)
     if not p.exists(): raise BratsError(f"{p}: missing; `brats-nb preprocess {files.dir.parent}` writes it")
-    img = nib.load(str(p)); data = np.asanyarray(img.dataobj).astype(np.float32)
+    img = nib.load(str(p))
+    data = np.asanyarray(img.dataobj).astype(np.float32)
     data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     if shape is not None and data.shape[1:] != tuple(shape):
         raise BratsError(f"{p}: shape {data.shape[1:]} differs from the case's {tuple(shape)}")
@@ -149,9 +159,10 @@ def load_extra(files: CaseFiles, suffix, shape=None):
 
 # %% ../nbs/05a_pipeline.ipynb #b445ed68
 class BratsDataset(torch.utils.data.Dataset):
-    "Random training crops of BraTS cases: dicts with `image` (4, *crop), `label` (classes 0..3, *crop) and any `extra` maps."
-    def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1, fg_fraction=0.0,
-                 label_convention=None, n_classes=3):
+    """Random training crops of BraTS cases: dicts with `image` (4, *crop), `label` (classes 0..3, *crop) and any
+    `extra` maps."""
+    def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1,
+                 fg_fraction=0.0, label_convention=None, n_classes=3):
         if isinstance(cases, (str, os.PathLike)): cases = find_cases(cases)
         self.cases = [Path(c) for c in cases]
         if not self.cases: raise BratsError("BratsDataset: no cases given")
@@ -159,27 +170,17 @@ class BratsDataset(torch.utils.data.Dataset):
         self.extra, self.cache, self.seed, self.samples_per_case = tuple(extra), cache, seed, samples_per_case
         self.transform = training_transforms(self.crop_size, augment, self.extra, fg_fraction)
         self.epoch, self._cache = 0, {}
-        self.label_convention, self.n_classes = label_convention, n_classes   # forced convention (None: each case's); classes of the run
+        # forced convention (None: each case's); classes of the run
+        self.label_convention, self.n_classes = label_convention, n_classes
 
     def __len__(self): return len(self.cases) * self.samples_per_case
     def set_epoch(self, epoch):
         "Change the random draws (call once per epoch, as with a DistributedSampler)."
         self.epoch = epoch
 
-    def load(self, i):
-        "The normalised arrays of case `i` before cropping (cached in memory when `cache=True`)."
-        if i in self._cache: return self._cache[i]
-        case = load_case(self.cases[i], label_convention=self.label_convention)
-        if case.label is None: raise BratsError(f"{self.cases[i]}: has no label file; it cannot be used for training")
-        check_classes(self.cases[i], case.label_convention, self.n_classes)
-        d = dict(image=normalize(case.image), label=labels_to_classes(case.label, case.label_convention)[None].astype(np.float32))
-        for k in self.extra: d[k] = load_extra(case.files, k, case.shape)
-        d = {k: np.ascontiguousarray(v) for k, v in d.items()}  # NIfTI data come in Fortran order; MONAI would copy them per crop
-        if self.cache: self._cache[i] = d
-        return d
-
     def __getitem__(self, idx):
-        epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)   # a sampler may pass epoch * len + index
+        # a sampler may pass epoch * len + index
+        epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)
         i = idx % len(self.cases)
         d = dict(self.load(i))
         rs = np.random.RandomState(np.random.SeedSequence([self.seed, epoch, idx]).generate_state(1)[0])
@@ -189,6 +190,22 @@ class BratsDataset(torch.utils.data.Dataset):
         res["label"] = torch.as_tensor(np.asarray(out["label"]))[0].round().long()
         res["case"] = self.cases[i].name
         return res
+
+# %% ../nbs/05a_pipeline.ipynb #14b51625
+@patch
+def load(self: BratsDataset, i):
+    "The normalised arrays of case `i` before cropping (cached in memory when `cache=True`)."
+    if i in self._cache: return self._cache[i]
+    case = load_case(self.cases[i], label_convention=self.label_convention)
+    if case.label is None: raise BratsError(f"{self.cases[i]}: has no label file; it cannot be used for training")
+    check_classes(self.cases[i], case.label_convention, self.n_classes)
+    d = dict(image=normalize(case.image),
+             label=labels_to_classes(case.label, case.label_convention)[None].astype(np.float32))
+    for k in self.extra: d[k] = load_extra(case.files, k, case.shape)
+    # NIfTI data come in Fortran order; MONAI would copy them per crop
+    d = {k: np.ascontiguousarray(v) for k, v in d.items()}
+    if self.cache: self._cache[i] = d
+    return d
 
 # %% ../nbs/05a_pipeline.ipynb #acac9387
 def keypoint_files(case_dir):
@@ -222,8 +239,8 @@ def _write_json_atomic(obj, path):
 # %% ../nbs/05a_pipeline.ipynb #1af2a6b8
 def preprocess_case(case_dir, keypoints: KeypointSettings | None = None, force=False, device=None, convention=None,
                     **changes) -> str:
-    """Write the key point map of one case (`keypoints` settings, default the paper's, with `changes`) unless it is up to
-    date; returns 'written', 'skipped' or 'unlabelled'."""
+    """Write the key point map of one case (`keypoints` settings, default the paper's, with `changes`) unless it is up
+    to date; returns 'written', 'skipped' or 'unlabelled'."""
     kp = keypoint_settings(keypoints, **changes)
     files = case_files(case_dir)                                 # found once, then passed on
     if files.seg is None: return "unlabelled"
@@ -232,7 +249,7 @@ def preprocess_case(case_dir, keypoints: KeypointSettings | None = None, force=F
     img, label = read_nifti(files.seg)
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
-    conv = convention_of_label(label.astype(np.uint8), files, convention or None)   # as the user says, else detected
+    conv = convention_of_label(label.astype(np.uint8), files, convention or None)  # as the user says, else detected
     maps, info = select_keypoints(label.astype(np.uint8), kp, conv, device)
     nii, side = keypoint_files(files)
     save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)
@@ -247,35 +264,45 @@ def _worker(args):
     d, kw = args
     try:
         if kw.get("cache_dir") is not None: return str(d), cache_case(d, **kw)[0], None   # the training cache
-        return str(d), preprocess_case(d, **{k: v for k, v in kw.items() if k not in ("cache_dir", "spacing")}), None   # beside the case
+        beside = {k: v for k, v in kw.items() if k not in ("cache_dir", "spacing")}
+        return str(d), preprocess_case(d, **beside), None                                    # beside the case
     except Exception as e: return str(d), "failed", f"{type(e).__name__}: {e}"
 
 # %% ../nbs/05a_pipeline.ipynb #04a593ba
-def preprocess(data_dir, workers=None, keypoints: KeypointSettings | None = None, force=False, device=None, progress=True,
-               convention=None, cache_dir=None, spacing=0.0, **changes) -> dict:
+def preprocess(data_dir, workers=None, keypoints: KeypointSettings | None = None, force=False, device=None,
+               progress=True, convention=None, cache_dir=None, spacing=0.0, **changes) -> dict:
     """Key point maps of every labelled case under `data_dir`, in `workers` processes (default: CPU count, at most 8).
-    With `cache_dir`, the training cache entries (`cache_case`, at `spacing` mm when > 0) go there and nothing is written
-    beside the cases. `keypoints`: the key point settings (default the paper's), with `changes` (`t=20`).
+    With `cache_dir`, the training cache entries (`cache_case`, at `spacing` mm when > 0) go there and nothing is
+    written beside the cases. `keypoints`: the key point settings (default the paper's), with `changes` (`t=20`).
     Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
-    import multiprocessing as mp
-    from tqdm.auto import tqdm
-    dirs = [Path(c) for c in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)   # a folder, or case folders
-    if cache_dir is not None: check_apart(cache_dir, [*dirs, None if isinstance(data_dir, (list, tuple)) else data_dir], "the training cache")
+    listed = isinstance(data_dir, (list, tuple))                 # a folder, or case folders
+    dirs = [Path(c) for c in data_dir] if listed else find_cases(data_dir)
+    if cache_dir is not None: check_apart(cache_dir, [*dirs, None if listed else data_dir], "the training cache")
     kp = keypoint_settings(keypoints, **changes)   # fails early on bad values
     if convention: get_convention(convention)
     if not spacing >= 0: raise BratsError(f"preprocess: spacing must be >= 0 mm (0: the data's own), got {spacing}")
-    if spacing and cache_dir is None: raise BratsError("preprocess: a spacing needs the training cache (cache_dir); nothing is written beside the cases")
+    if spacing and cache_dir is None:
+        raise BratsError("preprocess: a spacing needs the training cache (cache_dir); "
+                         "nothing is written beside the cases")
     kw = dict(keypoints=kp, force=force, device=device, convention=convention,
               cache_dir=None if cache_dir is None else Path(cache_dir), **(dict(spacing=spacing) if spacing else {}))
     workers = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
     if workers < 1: raise BratsError(f"preprocess: workers must be at least 1, got {workers}")
+    return _run_workers(dirs, kw, workers, progress)
+
+# %% ../nbs/05a_pipeline.ipynb #6953ff96
+def _run_workers(dirs, kw, workers, progress):
+    "`_worker` on every case folder of `dirs`, in `workers` processes, with a progress bar: `preprocess`'s result."
+    import multiprocessing as mp
+    from tqdm.auto import tqdm
     out = dict(written=[], skipped=[], unlabelled=[], failed={})
     bar = tqdm(total=len(dirs), desc="key points", unit="case", disable=not progress)
     def record(d, status, err):
         name = Path(d).name
         if status == "failed": out["failed"][name] = err
         else: out[status].append(name)
-        bar.update(1); bar.set_postfix_str(f"{name}: {status}")
+        bar.update(1)
+        bar.set_postfix_str(f"{name}: {status}")
     try:
         if workers == 1 or len(dirs) == 1:
             for d in dirs: record(*_worker((d, kw)))
@@ -300,15 +327,18 @@ def default_cache_dir():
 
 def cache_settings(keypoints: KeypointSettings | None = None, convention=None, margin=4, dtype="float16", spacing=0.0,
                    **changes):
-    """Everything a cache entry depends on besides the case's files (part of its key). `spacing` > 0: the entry holds the
-    case resampled to about that many mm (`downsample_case`), as the laptop recipe trains; 0 keeps the data's own."""
+    """Everything a cache entry depends on besides the case's files (part of its key). `spacing` > 0: the entry holds
+    the case resampled to about that many mm (`downsample_case`), as the laptop recipe trains; 0 keeps the data's
+    own."""
     if dtype not in ("float16", "float32"): raise BratsError(f"cache dtype {dtype!r}: use float16 or float32")
     if not spacing >= 0: raise BratsError(f"cache spacing must be >= 0 mm (0: the data's own), got {spacing}")
-    s = dict(keypoints=keypoint_settings(keypoints, **changes).params(), convention=convention or "", margin=int(margin), dtype=dtype,
-             normalize="percentile 0.2-99.8, z-score in the brain", cache_version=CACHE_VERSION)
+    s = dict(keypoints=keypoint_settings(keypoints, **changes).params(), convention=convention or "",
+             margin=int(margin), dtype=dtype, normalize="percentile 0.2-99.8, z-score in the brain",
+             cache_version=CACHE_VERSION)
     if spacing: s["spacing"] = float(spacing)   # only when set: the entries of full-resolution caches keep their keys
     return s
 
+# %% ../nbs/05a_pipeline.ipynb #c700ab9a
 def _sources(files):
     "The files of a case with their size and modification time (to find its entry again without hashing)."
     paths = [*files.paths.values(), files.seg]
@@ -335,6 +365,18 @@ def find_cache_entry(case_dir, cache_dir=None, settings=None):
     d = cache_dir / f"{files.name}-{cache_key(files, settings)}"
     return d if (d / "meta.json").is_file() else None
 
+# %% ../nbs/05a_pipeline.ipynb #6274d823
+def _write_entry(cache_dir, final, prefix, arrays, meta):
+    "Save `arrays` (name -> array) as .npy files and `meta` as meta.json in a temporary folder, renamed to `final`."
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir))
+    try:
+        for k, v in arrays.items(): np.save(tmp / f"{k}.npy", np.ascontiguousarray(v))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists(): shutil.rmtree(final)   # force, or a stale half (cannot happen: we rename whole folders)
+        os.rename(tmp, final)                     # the entry appears whole, or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/05a_pipeline.ipynb #805dde03
 def cache_case(case_dir, cache_dir=None, keypoints: KeypointSettings | None = None, convention=None, margin=4,
@@ -351,7 +393,7 @@ def cache_case(case_dir, cache_dir=None, keypoints: KeypointSettings | None = No
     files = case_files(case_dir)
     if files.seg is None: return "unlabelled", None
     if not force and (d := find_cache_entry(files, cache_dir, settings)) is not None: return "skipped", d
-    src = _sources(files)                                        # read before the files, so that a change meanwhile is redone
+    src = _sources(files)                        # read before the files, so that a change meanwhile is redone
     key = cache_key(files, settings)
     case = load_case(files, label_convention=convention)
     source_shape = list(case.shape)
@@ -360,38 +402,30 @@ def cache_case(case_dir, cache_dir=None, keypoints: KeypointSettings | None = No
     image = normalize(case.image)[(slice(None), *box)].astype(dtype)
     maps, info = select_keypoints(case, kp, device=device)
     final = cache_dir / f"{files.name}-{key}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{files.name}-", dir=cache_dir))
-    try:
-        np.save(tmp / "image.npy", np.ascontiguousarray(image))
-        np.save(tmp / "label.npy", np.ascontiguousarray(case.label[box]))
-        np.save(tmp / "keypoints.npy", np.ascontiguousarray(maps[(slice(None), *box)]))
-        meta = dict(name=files.name, source=str(files.path.resolve()), sources=src, settings=settings, key=key,
-                    label_convention=case.label_convention, box=[[s.start, s.stop] for s in box], shape=list(case.shape),
-                    spacing=list(case.spacing), affine=case.affine.tolist(), iou={r: info[r]["iou"] for r in REGIONS},
-                    source_shape=source_shape)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists(): shutil.rmtree(final)                  # force, or a stale half (cannot happen: we rename whole folders)
-        os.rename(tmp, final)                                    # the entry appears whole, or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    meta = dict(name=files.name, source=str(files.path.resolve()), sources=src, settings=settings, key=key,
+                label_convention=case.label_convention, box=[[s.start, s.stop] for s in box], shape=list(case.shape),
+                spacing=list(case.spacing), affine=case.affine.tolist(), iou={r: info[r]["iou"] for r in REGIONS},
+                source_shape=source_shape)
+    arrays = dict(image=image, label=case.label[box], keypoints=maps[(slice(None), *box)])
+    _write_entry(cache_dir, final, f".{files.name}-", arrays, meta)
     return "written", final
 
+# %% ../nbs/05a_pipeline.ipynb #b4e172dd
 def read_cache_entry(entry):
     "A cache entry as memory maps: dict(meta, image (C, X, Y, Z), label (X, Y, Z), keypoints (3, X, Y, Z))."
     entry = Path(entry)
     try: meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError) as e: raise BratsError(f"{entry}: not a brats_nb cache entry ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError) as e:
+        raise BratsError(f"{entry}: not a brats_nb cache entry ({type(e).__name__}: {e})") from None
     return dict(meta=meta, **{k: np.load(entry / f"{k}.npy", mmap_mode="r") for k in ("image", "label", "keypoints")})
-
 
 # %% ../nbs/05a_pipeline.ipynb #730e9d0e
 class CachedDataset(torch.utils.data.Dataset):
-    """Random training crops read from training cache entries through memory maps: the CPU's work per crop is a slice of
-    each array. Dicts with `image` (C, *crop) float32, `label` (classes, *crop), `keypoints` (3, *crop), `case`. With
-    `augment`, the training augmentation (`augment_batch`) runs here on the CPU; without, on the training device.
-    A share `fg_fraction` of the crops is centred on a tumour voxel: any (`fg_balance="tumour"`), or one of a tissue class
-    drawn uniformly among the classes the case holds (`"class"`, as nnU-Net samples foreground per class)."""
+    """Random training crops read from training cache entries through memory maps: the CPU's work per crop is a slice
+    of each array. Dicts with `image` (C, *crop) float32, `label` (classes, *crop), `keypoints` (3, *crop), `case`.
+    With `augment`, the training augmentation (`augment_batch`) runs here on the CPU; without, on the training device.
+    A share `fg_fraction` of the crops is centred on a tumour voxel: any (`fg_balance="tumour"`), or one of a tissue
+    class drawn uniformly among the classes the case holds (`"class"`, as nnU-Net samples foreground per class)."""
     def __init__(self, entries, crop_size=128, seed=0, samples_per_case=1, fg_fraction=0.0, n_classes=3, augment=False,
                  fg_balance="tumour"):
         if fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {fg_balance!r}: use tumour or class")
@@ -400,61 +434,72 @@ class CachedDataset(torch.utils.data.Dataset):
         self.metas = [read_cache_entry(e)["meta"] for e in self.entries]
         for e, m in zip(self.entries, self.metas): check_classes(e, m["label_convention"], n_classes)
         self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
-        self.seed, self.samples_per_case, self.fg_fraction, self.augment = seed, samples_per_case, float(fg_fraction), augment
+        self.seed, self.samples_per_case = seed, samples_per_case
+        self.fg_fraction, self.augment = float(fg_fraction), augment
         self.fg_balance, self.n_classes, self.epoch, self._open = fg_balance, n_classes, 0, {}
 
     def __len__(self): return len(self.entries) * self.samples_per_case
     def set_epoch(self, epoch): self.epoch = epoch
 
-    def arrays(self, i):
-        "The memory maps of entry `i`, its class lookup table and its tumour voxels, by class (opened once per process)."
-        if i not in self._open:
-            a = read_cache_entry(self.entries[i])
-            lut = np.zeros(256, np.uint8)
-            conv = self.metas[i]["label_convention"]
-            values = np.array(sorted(get_convention(conv).values), np.uint8)
-            lut[values] = labels_to_classes(values, conv)
-            a["lut"], a["fg"] = lut, (self.tumour_voxels(lut[np.asarray(a["label"])]) if self.fg_fraction > 0 else None)
-            self._open[i] = a
-        return self._open[i]
+# %% ../nbs/05a_pipeline.ipynb #d662c5d6
+@patch
+def arrays(self: CachedDataset, i):
+    "The memory maps of entry `i`, its class lookup table and its tumour voxels, by class (opened once per process)."
+    if i not in self._open:
+        a = read_cache_entry(self.entries[i])
+        lut = np.zeros(256, np.uint8)
+        conv = self.metas[i]["label_convention"]
+        values = np.array(sorted(get_convention(conv).values), np.uint8)
+        lut[values] = labels_to_classes(values, conv)
+        a["lut"] = lut
+        a["fg"] = self.tumour_voxels(lut[np.asarray(a["label"])]) if self.fg_fraction > 0 else None
+        self._open[i] = a
+    return self._open[i]
 
-    def tumour_voxels(self, classes):
-        "Pools of flat indices to centre crops on: all tumour voxels, or one pool per tissue class present (`fg_balance`)."
-        if self.fg_balance == "tumour": return [np.flatnonzero(classes)]
-        flat = classes.ravel()
-        return [p for c in range(1, self.n_classes + 1) if len(p := np.flatnonzero(flat == c))]
+# %% ../nbs/05a_pipeline.ipynb #677cbd33
+@patch
+def tumour_voxels(self: CachedDataset, classes):
+    "Pools of flat indices to centre crops on: all tumour voxels, or one pool per tissue class present (`fg_balance`)."
+    if self.fg_balance == "tumour": return [np.flatnonzero(classes)]
+    flat = classes.ravel()
+    return [p for c in range(1, self.n_classes + 1) if len(p := np.flatnonzero(flat == c))]
 
-    def start(self, rng, shape, fg):
-        """The crop's corner: with probability `fg_fraction` centred on a random voxel of a pool of `fg` (a pool drawn
-        uniformly when there are several), else uniform (as `RandTumourCropd`)."""
-        size = self.crop_size
-        if self.fg_fraction > 0 and rng.random() < self.fg_fraction and len(fg) and len(fg[0]):
-            pool = fg[0] if len(fg) == 1 else fg[rng.integers(len(fg))]
-            return centred_corner(np.unravel_index(pool[rng.integers(len(pool))], shape), size, shape)
-        return uniform_corner(rng.integers, size, shape)
+# %% ../nbs/05a_pipeline.ipynb #c018cf73
+@patch
+def start(self: CachedDataset, rng, shape, fg):
+    """The crop's corner: with probability `fg_fraction` centred on a random voxel of a pool of `fg` (a pool drawn
+    uniformly when there are several), else uniform (as `RandTumourCropd`)."""
+    size = self.crop_size
+    if self.fg_fraction > 0 and rng.random() < self.fg_fraction and len(fg) and len(fg[0]):
+        pool = fg[0] if len(fg) == 1 else fg[rng.integers(len(fg))]
+        return centred_corner(np.unravel_index(pool[rng.integers(len(pool))], shape), size, shape)
+    return uniform_corner(rng.integers, size, shape)
 
-    def __getitem__(self, idx):
-        epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)   # a sampler may pass epoch * len + index
-        i = idx % len(self.entries)
-        a = self.arrays(i)
-        rng = np.random.default_rng([self.seed, epoch, idx])
-        shape = a["label"].shape
-        st = self.start(rng, shape, a["fg"])
-        box = tuple(slice(b, b + s) for b, s in zip(st, self.crop_size))
-        pad = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for s, n in zip(self.crop_size, shape)]   # as SpatialPadd
-        def take(arr, dtype):
-            out = np.asarray(arr[(slice(None), *box)] if arr.ndim == 4 else arr[box], dtype=dtype)
-            return np.pad(out, ([(0, 0)] if out.ndim == 4 else []) + pad) if any(p != (0, 0) for p in pad) else out
-        res = dict(image=torch.from_numpy(take(a["image"], np.float32)),
-                   label=torch.from_numpy(a["lut"][take(a["label"], np.uint8)].astype(np.int64)),
-                   keypoints=torch.from_numpy(take(a["keypoints"], np.float32)))
-        if self.augment:
-            g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-            b = augment_batch({k: v[None] for k, v in res.items()}, g)
-            res = {k: v[0] for k, v in b.items()}
-        res["case"] = self.metas[i]["name"]
-        return res
-
+# %% ../nbs/05a_pipeline.ipynb #c3b81071
+@patch
+def __getitem__(self: CachedDataset, idx):
+    # a sampler may pass epoch * len + index
+    epoch, idx = divmod(idx, len(self)) if idx >= len(self) else (self.epoch, idx)
+    i = idx % len(self.entries)
+    a = self.arrays(i)
+    rng = np.random.default_rng([self.seed, epoch, idx])
+    shape = a["label"].shape
+    st = self.start(rng, shape, a["fg"])
+    box = tuple(slice(b, b + s) for b, s in zip(st, self.crop_size))
+    pad = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2)            # as SpatialPadd
+           for s, n in zip(self.crop_size, shape)]
+    def take(arr, dtype):
+        out = np.asarray(arr[(slice(None), *box)] if arr.ndim == 4 else arr[box], dtype=dtype)
+        return np.pad(out, ([(0, 0)] if out.ndim == 4 else []) + pad) if any(p != (0, 0) for p in pad) else out
+    res = dict(image=torch.from_numpy(take(a["image"], np.float32)),
+               label=torch.from_numpy(a["lut"][take(a["label"], np.uint8)].astype(np.int64)),
+               keypoints=torch.from_numpy(take(a["keypoints"], np.float32)))
+    if self.augment:
+        g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        b = augment_batch({k: v[None] for k, v in res.items()}, g)
+        res = {k: v[0] for k, v in b.items()}
+    res["case"] = self.metas[i]["name"]
+    return res
 
 # %% ../nbs/05a_pipeline.ipynb #c108cd7f
 def prepare_cache(cases, cache_dir="auto", keypoints: KeypointSettings | None = None, convention=None, spacing=0.0,
@@ -486,9 +531,9 @@ def prepare_keypoints(cases, keypoints: KeypointSettings | None = None, conventi
     if barrier: barrier()
 
 # %% ../nbs/05a_pipeline.ipynb #119b6c34
-def training_dataset(cases, crop_size, cache_dir="", keypoints: KeypointSettings | None = None, bsc=True, convention=None,
-                     spacing=0.0, n_classes=3, seed=0, samples_per_case=1, fg_fraction=0.0, fg_balance="tumour",
-                     augment=True, cache=False, main=True, barrier=None):
+def training_dataset(cases, crop_size, cache_dir="", keypoints: KeypointSettings | None = None, bsc=True,
+                     convention=None, spacing=0.0, n_classes=3, seed=0, samples_per_case=1, fg_fraction=0.0,
+                     fg_balance="tumour", augment=True, cache=False, main=True, barrier=None):
     """The training dataset of `cases`: with `cache_dir` ('auto' or a folder) a `CachedDataset` over their cache entries
     (written where missing), else a `BratsDataset` over their files, with the key point maps as an extra channel when
     `bsc`. `augment`: augment each crop here (else on the training device, `augment_batch`)."""
@@ -504,36 +549,49 @@ def training_dataset(cases, crop_size, cache_dir="", keypoints: KeypointSettings
 # %% ../nbs/05a_pipeline.ipynb #d20583fb
 def add_cli(sub):
     "Register `brats-nb preprocess`."
-    p = sub.add_parser("preprocess", help="write the training cache (normalised volumes, labels, key point maps) of every labelled case",
-                       description="Write the training cache of every labelled case: the normalised image cut to the brain (float16), "
-                                   "the label and the BSC key point maps as memory-mappable .npy files, keyed by content hash and "
-                                   "settings, in --cache-dir (nothing is written into DATA_DIR). Up-to-date cases are skipped. "
-                                   "--beside writes only the key point maps beside each case instead (<case>_keypoints.nii.gz).")
+    p = sub.add_parser("preprocess",
+                       help="write the training cache (normalised volumes, labels, key point maps) of every "
+                            "labelled case",
+                       description="Write the training cache of every labelled case: the normalised image cut to the "
+                                   "brain (float16), the label and the BSC key point maps as memory-mappable .npy "
+                                   "files, keyed by content hash and settings, in --cache-dir (nothing is written into "
+                                   "DATA_DIR). Up-to-date cases are skipped. --beside writes only the key point maps "
+                                   "beside each case instead (<case>_keypoints.nii.gz).")
     p.add_argument("data_dir", metavar="DATA_DIR", help="a folder of BraTS cases (either naming)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, at most 8)")
-    p.add_argument("--n", type=int, nargs="+", default=[300, 200, 100], help="points per region: one value or three (WT TC ET)")
+    p.add_argument("--n", type=int, nargs="+", default=[300, 200, 100],
+                   help="points per region: one value or three (WT TC ET)")
     p.add_argument("--t", type=int, default=100, help="random candidates per region (default 100)")
-    p.add_argument("--radius", type=float, nargs="+", default=[2, 1, 1], help="ball radius: one value or three (default 2 1 1)")
+    p.add_argument("--radius", type=float, nargs="+", default=[2, 1, 1],
+                   help="ball radius: one value or three (default 2 1 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="recompute even up-to-date maps")
     p.add_argument("--device", default=None, help="torch device for the scoring (default: cuda when present, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--convention", default=None, choices=list(CONVENTIONS),
-                   help="label convention of the data where its values and names do not decide it (e.g. BraTS 2023 pediatric)")
-    p.add_argument("--cache-dir", default=None, help="the training cache (default: $BRATS_NB_CACHE/train or ~/.cache/brats_nb/train)")
-    p.add_argument("--beside", action="store_true", help="write the key point maps beside each case (NIfTI + JSON) instead of the cache")
-    def run(a):
-        try:
-            kp = KeypointSettings(tuple(a.n) if len(a.n) > 1 else a.n[0], a.t, tuple(a.radius) if len(a.radius) > 1 else a.radius[0],
-                                  a.seed)
-        except BratsError as e:
-            raise BratsError(f"--n, --t, --radius: {e} (need --n >= 1, --t >= 1, --radius >= 0, one value or three)") from None
-        t0 = time.perf_counter()
-        cache = None if a.beside else Path(a.cache_dir) if a.cache_dir else default_cache_dir()
-        s = preprocess(a.data_dir, a.workers, kp, a.force, a.device, progress=not a.no_progress, convention=a.convention,
-                       cache_dir=cache)
-        print(f"{'key point maps' if a.beside else f'training cache {cache}'}: {len(s['written'])} written, {len(s['skipped'])} up to date, "
-              f"{len(s['unlabelled'])} without labels, {len(s['failed'])} failed ({time.perf_counter() - t0:.1f} s)")
-        for k, v in s["failed"].items(): print(f"  {k}: {v}")
-        return 1 if s["failed"] else 0
-    p.set_defaults(func=run)
+                   help="label convention of the data where its values and names do not decide it "
+                        "(e.g. BraTS 2023 pediatric)")
+    p.add_argument("--cache-dir", default=None,
+                   help="the training cache (default: $BRATS_NB_CACHE/train or ~/.cache/brats_nb/train)")
+    p.add_argument("--beside", action="store_true",
+                   help="write the key point maps beside each case (NIfTI + JSON) instead of the cache")
+    p.set_defaults(func=_run_preprocess)
+
+# %% ../nbs/05a_pipeline.ipynb #8f8bc140
+def _run_preprocess(a):
+    "Run `brats-nb preprocess` with the parsed arguments `a`; the exit status."
+    try:
+        kp = KeypointSettings(tuple(a.n) if len(a.n) > 1 else a.n[0], a.t,
+                              tuple(a.radius) if len(a.radius) > 1 else a.radius[0], a.seed)
+    except BratsError as e:
+        raise BratsError(f"--n, --t, --radius: {e} "
+                         "(need --n >= 1, --t >= 1, --radius >= 0, one value or three)") from None
+    t0 = time.perf_counter()
+    cache = None if a.beside else Path(a.cache_dir) if a.cache_dir else default_cache_dir()
+    s = preprocess(a.data_dir, a.workers, kp, a.force, a.device, progress=not a.no_progress, convention=a.convention,
+                   cache_dir=cache)
+    what = "key point maps" if a.beside else f"training cache {cache}"
+    print(f"{what}: {len(s['written'])} written, {len(s['skipped'])} up to date, "
+          f"{len(s['unlabelled'])} without labels, {len(s['failed'])} failed ({time.perf_counter() - t0:.1f} s)")
+    for k, v in s["failed"].items(): print(f"  {k}: {v}")
+    return 1 if s["failed"] else 0
