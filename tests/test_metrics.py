@@ -185,3 +185,69 @@ def test_evaluate_real_case(real_case_dir, tmp_path):
     rows, summary = evaluate_folder(tmp_path, real_case_dir.parent, tmp_path / "metrics.csv")
     assert rows == [{"case": case.name, **{f"Dice_{r}": 1.0 for r in REGIONS}, **{f"HD95_{r}": 0.0 for r in REGIONS}}]
     assert summary["std"]["Dice_WT"] == 0.0
+
+
+def _balls(shape, spacing, *centres_and_radii):
+    "A mask of balls given in millimetres (centre, radius) on a grid of `shape` voxels of `spacing` mm."
+    mm = np.indices(shape) * np.array(spacing, float)[:, None, None, None]
+    return np.logical_or.reduce([sum((x - c) ** 2 for x, c in zip(mm, centre)) <= r * r for centre, r in centres_and_radii])
+
+
+def test_spacing_order_official_reverses_the_spacing_on_an_anisotropic_case(tmp_path, capsys):
+    """On 1 x 1 x 3 mm voxels the official BraTS 2025 tool measures lesion distances with the spacing reversed (it reads
+    NIfTI files with SimpleITK, array z, y, x and spacing x, y, z). `spacing_order='official'` gives its numbers, in the
+    library and in `brats-nb evaluate --spacing-order official`; the default keeps the right ones: a lesion missed by
+    3 mm in-plane and one missed by one 3 mm slice both score 3 mm."""
+    from brats_nb.core import BratsError
+    from brats_nb.metrics import lesion_scores_2023, lesion_scores_2025, lesion_spacing
+    shape, spacing = (40, 40, 14), (1.0, 1.0, 3.0)
+    gt = _balls(shape, spacing, ((12, 20, 21), 6), ((29, 20, 21), 6))
+    pred = _balls(shape, spacing, ((15, 20, 21), 6), ((29, 20, 24), 6))   # 3 mm off in-plane; one slice (3 mm) off
+    right = lesion_scores_2025(pred, gt, spacing)
+    official = lesion_scores_2025(pred, gt, spacing, spacing_order="official")
+    by_hand = lesion_scores_2025(pred, gt, spacing[::-1])
+    scalars = [k for k in right if k != "lesions"]
+    assert {k: official[k] for k in scalars} == {k: by_hand[k] for k in scalars}
+    assert lesion_spacing(spacing, "official") == (3.0, 1.0, 1.0) and lesion_spacing(spacing) == spacing
+    for k in ("tp", "fp", "fn", "f1", "lesion_dsc", "dsc", "nsd", "hd95"):       # counted in voxels: the same in both orders
+        assert official[k] == right[k], k
+    assert (right["tp"], right["fp"], right["fn"]) == (2, 0, 0)
+    assert all(abs(row["hd95"] - 3.0) < 0.5 for row in right["lesions"]), right["lesions"]
+    slice_miss, in_plane_miss = sorted(row["hd95"] for row in official["lesions"])
+    assert slice_miss < 2.0 and in_plane_miss > 4.0, official["lesions"]        # 1 mm and about 5 mm in the official order
+    assert official["lesion_nsd"] > right["lesion_nsd"] + 0.05
+    with pytest.raises(BratsError, match="spacing order 'sitk': use one of nifti, official"):
+        lesion_scores_2025(pred, gt, spacing, spacing_order="sitk")
+    # the same through NIfTI files and the command line
+    gt_dir, pr_dir = tmp_path / "gt", tmp_path / "pred"
+    affine = np.diag([*spacing, 1.0])
+    save_nifti(gt.astype(np.uint8) * 3, gt_dir / "BraTS-MET-00001-000-seg.nii.gz", affine, dtype=np.uint8)
+    save_nifti(pred.astype(np.uint8) * 3, pr_dir / "BraTS-MET-00001-000.nii.gz", affine, dtype=np.uint8)
+    for order, want in (("official", official), ("nifti", right)):
+        out = tmp_path / f"{order}.csv"
+        assert main(["evaluate", str(pr_dir), str(gt_dir), "--lesionwise", "2025", "--spacing-order", order,
+                     "--out", str(out), "-q"]) == 0
+        rows = {r["region"]: r for r in csv.DictReader(open(tmp_path / f"{order}_lesionwise.csv")) if r["case"] != "mean"}
+        assert set(rows) == {"WT", "TC", "ET"}
+        for region in rows:
+            for k in ("tp", "fp", "fn", "lesion_dsc", "lesion_nsd", "lesion_hd95", "dsc", "nsd", "hd95"):
+                assert float(rows[region][k]) == pytest.approx(want[k], abs=1e-5), (order, region, k)
+    capsys.readouterr()
+    # a wrong value, or an order with nothing to apply to, is refused in one line before anything is written
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(pr_dir), str(gt_dir), "--lesionwise", "2025", "--spacing-order", "sitk"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'sitk' (choose from 'nifti', 'official')" in err, err
+    out = tmp_path / "none.csv"
+    assert main(["evaluate", str(pr_dir), str(gt_dir), "--spacing-order", "official", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "spacing order 'official' applies to the lesion-wise scores only" in err, err
+    assert "--lesionwise 2025" in err and not out.exists()
+    with pytest.raises(BratsError, match="use one of nifti, official"):
+        evaluate_folder(pr_dir, gt_dir, lesionwise="2025", spacing_order="SITK")
+    # the 2023-2024 scripts read spacing and array in the same order: there the official order is the header's
+    r23 = {o: evaluate_folder(pr_dir, gt_dir, tmp_path / f"r23_{o}.csv", lesionwise="2023", spacing_order=o)
+           for o in ("nifti", "official")}
+    assert (tmp_path / "r23_nifti_lesionwise.csv").read_text() == (tmp_path / "r23_official_lesionwise.csv").read_text()
+    assert r23["nifti"] == r23["official"]
+    assert lesion_scores_2023(pred, gt, spacing, dilation=1, min_volume=2)["tp"] == 2
