@@ -2,6 +2,7 @@
 
 d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url': '', 'lib_path': 'brats_nb'},
   'syms': { 'brats_nb.ablation': { 'brats_nb.ablation._pin_job': ('ablation.html#_pin_job', 'brats_nb/ablation.py'),
+                                   'brats_nb.ablation._run_jobs': ('ablation.html#_run_jobs', 'brats_nb/ablation.py'),
                                    'brats_nb.ablation._run_one': ('ablation.html#_run_one', 'brats_nb/ablation.py'),
                                    'brats_nb.ablation.ablation_protocol': ('ablation.html#ablation_protocol', 'brats_nb/ablation.py'),
                                    'brats_nb.ablation.add_cli': ('ablation.html#add_cli', 'brats_nb/ablation.py'),
