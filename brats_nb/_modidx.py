@@ -2,6 +2,7 @@
 
 d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url': '', 'lib_path': 'brats_nb'},
   'syms': { 'brats_nb.ablation': { 'brats_nb.ablation._pin_job': ('ablation.html#_pin_job', 'brats_nb/ablation.py'),
+                                   'brats_nb.ablation._run_jobs': ('ablation.html#_run_jobs', 'brats_nb/ablation.py'),
                                    'brats_nb.ablation._run_one': ('ablation.html#_run_one', 'brats_nb/ablation.py'),
                                    'brats_nb.ablation.ablation_protocol': ('ablation.html#ablation_protocol', 'brats_nb/ablation.py'),
                                    'brats_nb.ablation.add_cli': ('ablation.html#add_cli', 'brats_nb/ablation.py'),
@@ -26,6 +27,9 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                 'brats_nb.bench._fix_malloc': ('bench.html#_fix_malloc', 'brats_nb/bench.py'),
                                 'brats_nb.bench._max_batch': ('bench.html#_max_batch', 'brats_nb/bench.py'),
                                 'brats_nb.bench._rss': ('bench.html#_rss', 'brats_nb/bench.py'),
+                                'brats_nb.bench._step_loader': ('bench.html#_step_loader', 'brats_nb/bench.py'),
+                                'brats_nb.bench._time_passes': ('bench.html#_time_passes', 'brats_nb/bench.py'),
+                                'brats_nb.bench._time_steps': ('bench.html#_time_steps', 'brats_nb/bench.py'),
                                 'brats_nb.bench.add_bench_cli': ('bench.html#add_bench_cli', 'brats_nb/bench.py'),
                                 'brats_nb.bench.add_gpu_bench_cli': ('bench.html#add_gpu_bench_cli', 'brats_nb/bench.py'),
                                 'brats_nb.bench.add_model_bench_cli': ('bench.html#add_model_bench_cli', 'brats_nb/bench.py'),

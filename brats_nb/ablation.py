@@ -31,11 +31,13 @@ __all__ = ['METRIC_COLS', 'ablation_protocol', 'evaluate_run', 'n_parameters', '
 
 # %% ../nbs/11_ablation.ipynb #9399cb65
 def ablation_protocol(cfg: TrainConfig):
-    "How the ablation judges a run: the validation protocol of its configuration (sliding windows of the crop size for a group-norm model), plus HD95."
+    """How the ablation judges a run: the validation protocol of its configuration (sliding windows of the crop size
+    for a group-norm model), plus HD95."""
     return dataclasses.replace(cfg.val_protocol(), hd95=True)
 
 def evaluate_run(run_dir, cfg: TrainConfig, device="cpu", checkpoint="latest.pt", protocol=None):
-    "Mean Dice and HD95 per region of a run's final checkpoint (or `checkpoint`) on its validation cases, by `protocol`."
+    """Mean Dice and HD95 per region of a run's final checkpoint (or `checkpoint`) on its validation cases, by
+    `protocol`."""
     model, _ = load_model(Path(run_dir) / checkpoint, device=device)
     _, mean = evaluate_cases(model, config_cases(cfg)[1], protocol or ablation_protocol(cfg), device)
     return {k: mean[k] for k in METRIC_COLUMNS}
@@ -58,7 +60,8 @@ def _run_one(out, base: TrainConfig, arm, seed, nproc=1, quiet=True, threads=Non
         train(cfg, resume=resume, quiet=quiet)
     rows = read_log(run)
     if len(rows) < cfg.epochs:   # stopped by a signal: latest.pt holds the run
-        raise BratsError(f"{run}: stopped after {len(rows)} of {cfg.epochs} epochs, with its latest.pt; run the same command again to resume it")
+        raise BratsError(f"{run}: stopped after {len(rows)} of {cfg.epochs} epochs, with its latest.pt; "
+                         "run the same command again to resume it")
     res = {"arm": arm, "seed": seed, "params": n_parameters(cfg), "epochs": len(rows),
            "time_per_epoch_s": float(np.median([r["epoch_s"] for r in rows])), **evaluate_run(run, cfg),
            "run_s": time.perf_counter() - t0}
@@ -75,7 +78,8 @@ def visible_gpus(env=None, count=None):
     """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` entries: those `env` (default `os.environ`) names,
     else 0 to count-1 (default: the GPUs torch sees)."""
     env = os.environ if env is None else env
-    if env.get("CUDA_VISIBLE_DEVICES") is not None: return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    if env.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     if count is None: count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [str(i) for i in range(count)]
 
@@ -89,8 +93,36 @@ def _pin_job(counter, gpus, environ=os.environ):
         job, counter.value = counter.value, counter.value + 1
     environ["CUDA_VISIBLE_DEVICES"] = job_gpu(job, gpus)
 
+# %% ../nbs/11_ablation.ipynb #2feec9c4
+def _run_jobs(out, base, todo, jobs, done, report, log):
+    "Train the runs `todo` in `jobs` processes at once, longest first; `done[arm, seed]` gets each result."
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    bsc = [dataclasses.replace(base, variant=a) for a, _ in todo]
+    train_cases, _ = config_cases(base)   # once, here, rather than by two jobs at the same time: the held-out set,
+    if any(cfg.uses_bsc for cfg in bsc):                         # and the key point maps
+        prepare_keypoints(train_cases, base.keypoints, base.convention or None)
+    threads = max(1, torch.get_num_threads() // jobs)
+    ctx, n = mp.get_context("spawn"), min(jobs, len(todo))
+    gpus = visible_gpus() if base.device != "cpu" else []
+    if gpus: log(f"{n} jobs on GPUs {', '.join(job_gpu(j, gpus) for j in range(n))}")
+    pool = ProcessPoolExecutor(
+        n, mp_context=ctx, **(dict(initializer=_pin_job, initargs=(ctx.Value("i", 0), gpus)) if gpus else {}))
+    try:
+        # longest runs first, so that no job is left alone with a long run at the end (LPT scheduling)
+        todo = sorted(todo, key=lambda k: -arm_cost(k[0]))
+        futs = {pool.submit(_run_one, out, base, a, s, 1, True, threads): (a, s) for a, s in todo}
+        for f in as_completed(futs):
+            done[futs[f]] = res = f.result()
+            report(res)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; a rerun resumes the rest
+        raise
+    pool.shutdown()
+
 # %% ../nbs/11_ablation.ipynb #f9ec10d6
-def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(0, 1, 2, 3, 4), quiet=True, log=print, nproc=1, jobs=1):
+def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(0, 1, 2, 3, 4), quiet=True, log=print,
+                 nproc=1, jobs=1):
     """Train and evaluate every arm for every seed (skipping finished runs); returns the per-run results.
     On the bundled samples every run trains on the ten samples and is judged on the eight held-out cases
     (`val_data='heldout'`), with no validation during training (it would only repeat the final evaluation).
@@ -99,43 +131,31 @@ def run_ablation(out, base: TrainConfig | None = None, arms=tuple(ARMS), seeds=(
     machine with GPUs each process on a GPU of its own (`job_gpu`)."""
     base = base or preset("cpu")
     if not base.data and not base.val_data: base = dataclasses.replace(base, val_data="heldout", val_every=0)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     unknown = [a for a in arms if a not in ARMS]
     if unknown: raise BratsError(f"unknown arms {unknown}; use some of {list(ARMS)}")
     if jobs < 1 or nproc < 1: raise BratsError(f"jobs and nproc must be at least 1, got jobs={jobs}, nproc={nproc}")
-    if jobs > 1 and nproc > 1: raise BratsError("use either jobs (several runs at once) or nproc (one run on several processes), not both")
+    if jobs > 1 and nproc > 1:
+        raise BratsError("use either jobs (several runs at once) or nproc (one run on several processes), not both")
     base.save(out / "base_config.json")
     order = [(arm, seed) for seed in seeds for arm in arms]
     done = {}
     for arm, seed in order:
         f = out / f"{arm}_seed{seed}" / "result.json"
-        if f.exists(): done[arm, seed] = json.loads(f.read_text()); log(f"{arm}_seed{seed}: done before, skipped")
+        if f.exists():
+            done[arm, seed] = json.loads(f.read_text())
+            log(f"{arm}_seed{seed}: done before, skipped")
     todo = [k for k in order if k not in done]
-    def report(res): log(f"{res['arm']}_seed{res['seed']}: {res['run_s']:.0f} s, mean Dice {np.mean([res[f'Dice_{r}'] for r in REGIONS]):.3f}")
+    def report(res):
+        log(f"{res['arm']}_seed{res['seed']}: {res['run_s']:.0f} s, "
+            f"mean Dice {np.mean([res[f'Dice_{r}'] for r in REGIONS]):.3f}")
     if jobs > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        bsc = [dataclasses.replace(base, variant=a) for a, _ in todo]
-        train_cases, _ = config_cases(base)   # once, here, rather than by two jobs at the same time: the held-out set,
-        if any(cfg.uses_bsc for cfg in bsc): prepare_keypoints(train_cases, base.keypoints, base.convention or None)   # and the key point maps
-        threads = max(1, torch.get_num_threads() // jobs)
-        ctx, n = mp.get_context("spawn"), min(jobs, len(todo))
-        gpus = visible_gpus() if base.device != "cpu" else []
-        if gpus: log(f"{n} jobs on GPUs {', '.join(job_gpu(j, gpus) for j in range(n))}")
-        pool = ProcessPoolExecutor(n, mp_context=ctx, **(dict(initializer=_pin_job, initargs=(ctx.Value("i", 0), gpus)) if gpus else {}))
-        try:
-            # longest runs first, so that no job is left alone with a long run at the end (LPT scheduling)
-            todo = sorted(todo, key=lambda k: -arm_cost(k[0]))
-            futs = {pool.submit(_run_one, out, base, a, s, 1, True, threads): (a, s) for a, s in todo}
-            for f in as_completed(futs):
-                done[futs[f]] = res = f.result(); report(res)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # runs not started are dropped; a rerun resumes the rest
-            raise
-        pool.shutdown()
+        _run_jobs(out, base, todo, jobs, done, report, log)
     else:
         for a, s in todo:
-            done[a, s] = res = _run_one(out, base, a, s, nproc, quiet); report(res)
+            done[a, s] = res = _run_one(out, base, a, s, nproc, quiet)
+            report(res)
     return [done[k] for k in order]
 
 # %% ../nbs/11_ablation.ipynb #16965236
@@ -147,10 +167,12 @@ def summarize_arms(results, arms=tuple(ARMS)):
     for arm in arms:
         rs = [r for r in results if r["arm"] == arm]
         if not rs: continue
-        row = {"arm": arm, "seeds": len(rs), "params": rs[0]["params"], "time_per_epoch_s": float(np.mean([r["time_per_epoch_s"] for r in rs]))}
+        row = {"arm": arm, "seeds": len(rs), "params": rs[0]["params"],
+               "time_per_epoch_s": float(np.mean([r["time_per_epoch_s"] for r in rs]))}
         for k in METRIC_COLS:
             v = [r[k] for r in rs]
-            row[k] = float(np.mean(v)); row[k + "_std"] = float(np.std(v))
+            row[k] = float(np.mean(v))
+            row[k + "_std"] = float(np.std(v))
         rows.append(row)
     return rows
 
@@ -158,10 +180,13 @@ def write_runs(results, out):
     "runs.csv in `out`: one row per run (arm, seed, parameters, timing and every metric)."
     keys = ["arm", "seed", "params", "epochs", "time_per_epoch_s", *METRIC_COLS, "run_s"]
     with open(Path(out) / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys, extrasaction="ignore"); w.writeheader()
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
         for r in results: w.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
 
-def paired_differences(results, arms=tuple(ARMS), ref="dmfnet", metrics=("Dice_WT", "Dice_TC", "Dice_ET", "Dice_mean"), level=0.95):
+# %% ../nbs/11_ablation.ipynb #f4ca7f9a
+def paired_differences(results, arms=tuple(ARMS), ref="dmfnet", metrics=("Dice_WT", "Dice_TC", "Dice_ET", "Dice_mean"),
+                       level=0.95):
     """Per arm and metric, the mean over seeds of (arm - `ref`) on the same seed, with a `level` t-interval:
     rows of dicts (arm, metric, n, diff, low, high, significant). `Dice_mean` is the mean of the three regions."""
     from scipy import stats
@@ -173,37 +198,47 @@ def paired_differences(results, arms=tuple(ARMS), ref="dmfnet", metrics=("Dice_W
         seeds = sorted(s for a, s in by if a == arm and (ref, s) in by)
         for m in metrics:
             d = np.array([value(by[arm, s], m) - value(by[ref, s], m) for s in seeds])
-            if len(d) < 2: rows.append(dict(arm=arm, metric=m, n=len(d), diff=float(d.mean()) if len(d) else float("nan"),
-                                            low=float("nan"), high=float("nan"), significant=False)); continue
+            if len(d) < 2:
+                rows.append(dict(arm=arm, metric=m, n=len(d), diff=float(d.mean()) if len(d) else float("nan"),
+                                 low=float("nan"), high=float("nan"), significant=False))
+                continue
             half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
             lo, hi = d.mean() - half, d.mean() + half
             rows.append(dict(arm=arm, metric=m, n=len(d), diff=float(d.mean()), low=float(lo), high=float(hi),
                              significant=bool(lo > 0 or hi < 0)))
     return rows
 
+# %% ../nbs/11_ablation.ipynb #7b0c83f6
 def format_differences(diffs, ref="dmfnet"):
-    "The paired differences as a markdown table; a difference whose interval holds 0 is marked 'n.s.' (not significant)."
+    """The paired differences as a markdown table; a difference whose interval holds 0 is marked 'n.s.' (not
+    significant)."""
     metrics = list(dict.fromkeys(d["metric"] for d in diffs))
-    lines = [f"| arm − {ref} (paired by seed, 95% t-interval) | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines = [f"| arm − {ref} (paired by seed, 95% t-interval) | " + " | ".join(metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
     for arm in dict.fromkeys(d["arm"] for d in diffs):
         cells = []
         for m in metrics:
             d = next(x for x in diffs if x["arm"] == arm and x["metric"] == m)
-            cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + ("" if d["significant"] else " n.s."))
+            cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                         + ("" if d["significant"] else " n.s."))
         lines.append(f"| {arm} (n={d['n']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+# %% ../nbs/11_ablation.ipynb #f6ee1e68
 def write_table(rows, out, diffs=None):
     "ablation.csv (all numbers) and ablation.md (mean ± std, then the paired differences if given) in `out`."
     out = Path(out)
     keys = list(rows[0].keys())
     with open(out / "ablation.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys); w.writeheader(); w.writerows(rows)
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
     head = "| arm | seeds | params | s/epoch | " + " | ".join(METRIC_COLS) + " |"
     lines = [head, "|" + "---|" * (4 + len(METRIC_COLS))]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seeds']} | {r['params'] / 1e6:.3f}M | {r['time_per_epoch_s']:.1f} | "
-                     + " | ".join(f"{r[k]:.3f} ± {r[k + '_std']:.3f}" if k.startswith("Dice") else f"{r[k]:.1f} ± {r[k + '_std']:.1f}" for k in METRIC_COLS) + " |")
+                     + " | ".join(f"{r[k]:.3f} ± {r[k + '_std']:.3f}" if k.startswith("Dice")
+                                  else f"{r[k]:.1f} ± {r[k + '_std']:.1f}" for k in METRIC_COLS) + " |")
     if diffs: lines += ["", format_differences(diffs)]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -227,39 +262,53 @@ def plot_ablation(out, results, arms=tuple(ARMS)):
         x, y, s = np.arange(1, n + 1)[keep], np.nanmean(v[:, keep], 0), np.nanstd(v[:, keep], 0)
         line, = ax.plot(x, y, ".-", label=arm)
         ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.12)
-    ax.set_xlabel("epoch"); ax.set_ylabel("validation mean Dice" if key == "val_mean" else "training loss"); ax.legend(fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation mean Dice" if key == "val_mean" else "training loss")
+    ax.legend(fontsize=8)
     ax.set_title(("validation" if key == "val_mean" else "training loss") + " curves (mean ± std over seeds)")
-    fig.tight_layout(); fig.savefig(out / "curves.png", dpi=100)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
     rows = summarize_arms(results, arms)
     fig2, ax2 = plt.subplots(figsize=(7, 3.5))
     w = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
-        ax2.bar(np.arange(3) + i * w, [r[f"Dice_{g}"] for g in REGIONS], w, yerr=[r[f"Dice_{g}_std"] for g in REGIONS], capsize=3, label=r["arm"])
-    ax2.set_xticks(np.arange(3) + w * (len(rows) - 1) / 2, REGIONS); ax2.set_ylim(0, 1); ax2.set_ylabel("Dice"); ax2.legend(fontsize=8)
+        ax2.bar(np.arange(3) + i * w, [r[f"Dice_{g}"] for g in REGIONS], w, yerr=[r[f"Dice_{g}_std"] for g in REGIONS],
+                capsize=3, label=r["arm"])
+    ax2.set_xticks(np.arange(3) + w * (len(rows) - 1) / 2, REGIONS)
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("Dice")
+    ax2.legend(fontsize=8)
     ax2.set_title("Dice per region (mean ± std over seeds)")
-    fig2.tight_layout(); fig2.savefig(out / "bars.png", dpi=100)
+    fig2.tight_layout()
+    fig2.savefig(out / "bars.png", dpi=100)
     return fig, fig2
 
 # %% ../nbs/11_ablation.ipynb #ffe4ddb3
 def add_cli(sub):
     "Register `brats-nb ablation`."
-    p = sub.add_parser("ablation", help="train and evaluate every arm over several seeds; table, paired differences and plots",
-                       description="Ablation of MIE, SIE and BSC on DMFNet: every arm, same split and budget, several seeds. Resumable.")
-    p.add_argument("--out", dest="abl_out", default="runs/ablation", help="output folder, one subfolder per run (default runs/ablation)")
+    p = sub.add_parser("ablation",
+                       help="train and evaluate every arm over several seeds; table, paired differences and plots",
+                       description="Ablation of MIE, SIE and BSC on DMFNet: every arm, same split and budget, "
+                                   "several seeds. Resumable.")
+    p.add_argument("--out", dest="abl_out", default="runs/ablation",
+                   help="output folder, one subfolder per run (default runs/ablation)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--config", help="a JSON training configuration to start from")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="starting configuration (default: cpu)")
-    p.add_argument("--nproc", type=int, default=1, help="train each run in this many processes under torchrun (one per GPU)")
-    p.add_argument("--jobs", type=int, default=1, help="train this many runs at once (CPU: 2 on a 2-core machine is 1.8x faster; GPUs: each run on its own, in turn)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train each run in this many processes under torchrun (one per GPU)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many runs at once (CPU: 2 on a 2-core machine is 1.8x faster; "
+                        "GPUs: each run on its own, in turn)")
     add_train_options(p, skip=("out",))  # each run's folder is OUT/<arm>_seed<k>
     def run(a):
         cfg = config_from_args(a)
         check_apart(a.abl_out, [cfg.data or None])
         cores = os.cpu_count() or 1
         if a.jobs == 1 and a.nproc == 1 and cores > 1 and not (cfg.device != "cpu" and torch.cuda.is_available()):
-            print(f"tip: this machine has {cores} cores; --jobs {min(cores, 4)} trains that many runs at once, one thread each "
-                  "(on 2 cores, 1.8 times the throughput)", flush=True)
+            print(f"tip: this machine has {cores} cores; --jobs {min(cores, 4)} trains that many runs at once, "
+                  "one thread each (on 2 cores, 1.8 times the throughput)", flush=True)
         res = run_ablation(a.abl_out, cfg, a.arms, a.seeds, quiet=True, nproc=a.nproc, jobs=a.jobs)
         print(write_table(summarize_arms(res, a.arms), a.abl_out, paired_differences(res, a.arms)))
         write_runs(res, a.abl_out)

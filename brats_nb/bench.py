@@ -46,23 +46,57 @@ class _PeakRSS:
         self.base, self._stop = _rss(), threading.Event()
         def run():
             while not self._stop.is_set():
-                self.peak = max(self.peak, _rss() - self.base); time.sleep(self.every)
-        self._t = threading.Thread(target=run, daemon=True); self._t.start()
+                self.peak = max(self.peak, _rss() - self.base)
+                time.sleep(self.every)
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
         return self
     def __exit__(self, *exc):
-        self._stop.set(); self._t.join(); self.peak = max(self.peak, _rss() - self.base)
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss() - self.base)
 
 def _fix_malloc():
-    "glibc: serve every allocation over 128 KiB by its own mapping, returned when freed, so that RSS follows live memory."
+    """glibc: serve every allocation over 128 KiB by its own mapping, returned when freed, so that RSS follows live
+    memory."""
     try:
         import ctypes
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD (also stops its dynamic growth)
+        # M_MMAP_THRESHOLD (also stops its dynamic growth)
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))
     except (OSError, AttributeError): return False
+
+# %% ../nbs/13_bench.ipynb #0ee40785
+def _time_passes(model, step, mean_loss, device, dtype, warmup, repeats, verbose, v):
+    "Forward and backward times and peak memory (bytes) of the counted passes of `model` on `step`: three lists."
+    fwd, bwd, peaks = [], [], []
+    for i in range(warmup + repeats):
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        mon = _PeakRSS() if device.type == "cpu" else None
+        if mon: mon.__enter__()
+        t = {}
+        train_step(model, step, mean_loss, None, device, dtype, times=t)  # no optimiser: forward and backward only
+        if mon:
+            mon.__exit__()
+            peak = mon.peak
+        else: peak = torch.cuda.max_memory_allocated(device) - base
+        if i >= warmup:
+            fwd.append(t["forward_s"])
+            bwd.append(t["backward_s"])
+            peaks.append(peak)
+        if verbose:
+            print(f"  {v} pass {i}: forward {t['forward_s']:.3f} s, backward {t['backward_s']:.3f} s, "
+                  f"peak {peak / 2**20:.0f} MiB", flush=True)
+    return fwd, bwd, peaks
 
 # %% ../nbs/13_bench.ipynb #b22a78eb
 def bench_model(variants=VARIANTS, size=128, batch=1, repeats=3, warmup=1, device="auto", amp=True,
                 channels=32, mid_channels=128, groups=16, norm="batch", in_channels=4, out_channels=4, verbose=False):
-    "Measure each variant: parameters, conv MACs, median forward and backward time, peak memory. Returns a list of dicts."
+    """Measure each variant: parameters, conv MACs, median forward and backward time, peak memory. Returns a list of
+    dicts."""
     variants = list(dict.fromkeys(["dmfnet", *variants]))  # the reference is always measured in the same run
     for v in variants: check_variant(v)
     if size % 16: raise BratsError(f"--size {size} must be divisible by 16")
@@ -74,31 +108,23 @@ def bench_model(variants=VARIANTS, size=128, batch=1, repeats=3, warmup=1, devic
     rows = []
     for v in variants:
         torch.manual_seed(0)
-        kw = dict(in_channels=in_channels, out_channels=out_channels, channels=channels, mid_channels=mid_channels, groups=groups, norm=norm)
+        kw = dict(in_channels=in_channels, out_channels=out_channels, channels=channels, mid_channels=mid_channels,
+                  groups=groups, norm=norm)
         model = build_model(v, **kw).to(device).train()
         x = torch.randn(batch, in_channels, size, size, size, device=device)
         step = {"image": x, "label": torch.zeros(batch, size, size, size, dtype=torch.long, device=device)}
-        fwd, bwd, peaks = [], [], []
-        for i in range(warmup + repeats):
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device); base = torch.cuda.memory_allocated(device)
-            mon = _PeakRSS() if device.type == "cpu" else None
-            if mon: mon.__enter__()
-            t = {}
-            train_step(model, step, mean_loss, None, device, dtype, times=t)  # no optimiser: forward and backward only
-            if mon: mon.__exit__(); peak = mon.peak
-            else: peak = torch.cuda.max_memory_allocated(device) - base
-            if i >= warmup: fwd.append(t["forward_s"]); bwd.append(t["backward_s"]); peaks.append(peak)
-            if verbose: print(f"  {v} pass {i}: forward {t['forward_s']:.3f} s, backward {t['backward_s']:.3f} s, peak {peak / 2**20:.0f} MiB", flush=True)
-        rows.append(dict(variant=v, params=count_parameters(model), macs=conv_macs(model, (1, in_channels, size, size, size)),
-                         forward_s=statistics.median(fwd), backward_s=statistics.median(bwd), peak_mib=statistics.median(peaks) / 2**20,
-                         device=str(device), amp=str(dtype).replace("torch.", "") if use_amp else "fp32", size=size, batch=batch,
+        fwd, bwd, peaks = _time_passes(model, step, mean_loss, device, dtype, warmup, repeats, verbose, v)
+        rows.append(dict(variant=v, params=count_parameters(model),
+                         macs=conv_macs(model, (1, in_channels, size, size, size)),
+                         forward_s=statistics.median(fwd), backward_s=statistics.median(bwd),
+                         peak_mib=statistics.median(peaks) / 2**20, device=str(device),
+                         amp=str(dtype).replace("torch.", "") if use_amp else "fp32", size=size, batch=batch,
                          repeats=repeats, threads=torch.get_num_threads()))
         del model, x
     ref = rows[0]
     for r in rows:
-        r["macs_ratio"] = r["macs"] / ref["macs"]; r["params_ratio"] = r["params"] / ref["params"]
+        r["macs_ratio"] = r["macs"] / ref["macs"]
+        r["params_ratio"] = r["params"] / ref["params"]
         r["time_ratio"] = (r["forward_s"] + r["backward_s"]) / (ref["forward_s"] + ref["backward_s"])
         r["mem_ratio"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
     return rows
@@ -107,23 +133,28 @@ def bench_model(variants=VARIANTS, size=128, batch=1, repeats=3, warmup=1, devic
 def format_bench(rows):
     "The bench table as text (markdown-compatible)."
     r0 = rows[0]
-    head = (f"model bench: {r0['device']} ({r0['amp']}, {r0['threads']} threads), input {r0['batch']}x4x{r0['size']}^3, "
+    head = (f"model bench: {r0['device']} ({r0['amp']}, {r0['threads']} threads), "
+            f"input {r0['batch']}x4x{r0['size']}^3, "
             f"training mode, median of {r0['repeats']}; ratios to dmfnet in this run\n")
     cols = "| variant | params | x | conv GMACs | x | forward s | backward s | fwd+bwd x | peak MiB | x |"
     lines = [head, cols, "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.3f}M | {r['params_ratio']:.3f} | {r['macs'] / 1e9:.2f} | {r['macs_ratio']:.3f} | "
-                     f"{r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['time_ratio']:.2f} | {r['peak_mib']:.0f} | {r['mem_ratio']:.2f} |")
+        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.3f}M | {r['params_ratio']:.3f} | "
+                     f"{r['macs'] / 1e9:.2f} | {r['macs_ratio']:.3f} | "
+                     f"{r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['time_ratio']:.2f} | "
+                     f"{r['peak_mib']:.0f} | {r['mem_ratio']:.2f} |")
     return "\n".join(lines)
 
 # %% ../nbs/13_bench.ipynb #ab8a79ae
 def add_model_bench_cli(bsub):
     "Register `brats-nb bench model`."
     p = bsub.add_parser("model", help="parameters, MACs, time and memory of each variant",
-                        description="Benchmark the network variants (forward and backward, training mode) and print a table.")
+                        description="Benchmark the network variants (forward and backward, training mode) "
+                                    "and print a table.")
     p.add_argument("--size", type=int, default=128, help="input edge in voxels, divisible by 16 (default 128)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"variants (default: {' '.join(VARIANTS)}); dmfnet is always added")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   help=f"variants (default: {' '.join(VARIANTS)}); dmfnet is always added")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per variant (median; default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
@@ -134,7 +165,8 @@ def add_model_bench_cli(bsub):
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="print every pass")
     def run(a):
-        if a.repeats < 1 or a.warmup < 0 or a.batch < 1: raise BratsError("--repeats and --batch must be at least 1, --warmup at least 0")
+        if a.repeats < 1 or a.warmup < 0 or a.batch < 1:
+            raise BratsError("--repeats and --batch must be at least 1, --warmup at least 0")
         rows = bench_model(a.variants, a.size, a.batch, a.repeats, a.warmup, a.device, not a.no_amp,
                            a.channels, a.mid_channels, a.groups, verbose=a.verbose)
         print(format_bench(rows))
@@ -142,16 +174,8 @@ def add_model_bench_cli(bsub):
     p.set_defaults(func=run)
 
 # %% ../nbs/13_bench.ipynb #40105931
-def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels, mid_channels, groups, channels_last=False,
-               pipeline="nifti", cache_dir=None):
-    """Time `steps` training steps of one variant; returns a dict (runs inside its own process). `pipeline`: 'nifti'
-    (NIfTI read and MONAI augmentation per crop in the loader) or 'cache' (memory-mapped cache entries, `augment_batch`
-    on the device)."""
-    import resource
-    dev = torch.device(device)
-    cfg = TrainConfig(variant=variant, crop_size=crop, batch_size=batch, amp=amp, channels=channels, mid_channels=mid_channels, groups=groups)
-    cases = find_cases(data or samples_dir())
-    extra = ("keypoints",) if cfg.uses_bsc else ()
+def _step_loader(cases, crop, batch, steps, workers, dev, extra, pipeline, cache_dir):
+    "The DataLoader of a training benchmark: enough crops for `steps` + 1 batches, from NIfTI files or the cache."
     per_case = max(1, math.ceil(batch * (steps + 1) / len(cases)))
     if pipeline == "cache":
         entries = [cache_case(c, cache_dir)[1] for c in cases]
@@ -159,18 +183,16 @@ def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels
     else:
         for c in (cases if extra else []): preprocess_case(c)
         ds = BratsDataset(cases, crop, extra=extra, samples_per_case=per_case)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=dev.type == "cuda",
-                                     persistent_workers=workers > 0)
-    model = build_model(**cfg.model_kwargs()).to(dev)
-    if channels_last: model.channels_last()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True, fused=dev.type in ("cpu", "cuda"))
-    amp, scaler, amp_name = amp_setup(cfg, dev)
-    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0)
-    if dev.type == "cuda": torch.backends.cudnn.benchmark = True; torch.cuda.reset_peak_memory_stats()
-    it, g = iter(dl), torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                       pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
+
+# %% ../nbs/13_bench.ipynb #998de913
+def _time_steps(model, it, g, loss_fn, opt, dev, amp, scaler, steps, pipeline, extra):
+    "Data and compute seconds of `steps` training steps after one warm-up step: two lists."
     data_t, comp_t = [], []
     for s in range(steps + 1):  # the first step warms up and is not counted
-        t0 = time.perf_counter(); b = next(it)
+        t0 = time.perf_counter()
+        b = next(it)
         if pipeline == "cache":
             b = augment_batch({k: b[k].to(dev, non_blocking=True) for k in ("image", "label", "keypoints")}, g)
             if not extra: b.pop("keypoints")
@@ -179,42 +201,74 @@ def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels
         train_step(model, b, loss_fn, opt, dev, amp, scaler)
         if dev.type == "cuda": torch.cuda.synchronize()  # timing: the step must have finished
         t2 = time.perf_counter()
-        if s: data_t.append(t1 - t0); comp_t.append(t2 - t1)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    step = float(np.median(np.add(data_t, comp_t)))
-    return dict(variant=variant, batch=batch, crop=crop, amp=amp_name, channels_last="on" if channels_last else "off", pipeline=pipeline,
-                data_s=float(np.median(data_t)), compute_s=float(np.median(comp_t)), step_s=step, vols_per_s=batch / step, peak_gib=peak)
+        if s:
+            data_t.append(t1 - t0)
+            comp_t.append(t2 - t1)
+    return data_t, comp_t
 
+# %% ../nbs/13_bench.ipynb #cceba999
+def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels, mid_channels, groups,
+               channels_last=False, pipeline="nifti", cache_dir=None):
+    """Time `steps` training steps of one variant; returns a dict (runs inside its own process). `pipeline`: 'nifti'
+    (NIfTI read and MONAI augmentation per crop in the loader) or 'cache' (memory-mapped cache entries, `augment_batch`
+    on the device)."""
+    import resource
+    dev = torch.device(device)
+    cfg = TrainConfig(variant=variant, crop_size=crop, batch_size=batch, amp=amp, channels=channels,
+                      mid_channels=mid_channels, groups=groups)
+    cases = find_cases(data or samples_dir())
+    extra = ("keypoints",) if cfg.uses_bsc else ()
+    dl = _step_loader(cases, crop, batch, steps, workers, dev, extra, pipeline, cache_dir)
+    model = build_model(**cfg.model_kwargs()).to(dev)
+    if channels_last: model.channels_last()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True, fused=dev.type in ("cpu", "cuda"))
+    amp, scaler, amp_name = amp_setup(cfg, dev)
+    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats()
+    it, g = iter(dl), torch.Generator().manual_seed(0)
+    data_t, comp_t = _time_steps(model, it, g, loss_fn, opt, dev, amp, scaler, steps, pipeline, extra)
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    step = float(np.median(np.add(data_t, comp_t)))
+    return dict(variant=variant, batch=batch, crop=crop, amp=amp_name, channels_last="on" if channels_last else "off",
+                pipeline=pipeline, data_s=float(np.median(data_t)), compute_s=float(np.median(comp_t)), step_s=step,
+                vols_per_s=batch / step, peak_gib=peak)
+
+# %% ../nbs/13_bench.ipynb #52efc89b
 def _bench_subprocess(**kw):
     code = f"import json; from brats_nb.bench import _bench_one; print('RESULT' + json.dumps(_bench_one(**{kw!r})))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT"): return json.loads(line[6:])
     tail = (r.stderr or r.stdout)[-600:]
-    return dict(variant=kw["variant"], batch=kw["batch"], error=("out of memory" if "out of memory" in tail else tail.strip().splitlines()[-1] if tail.strip() else "failed"))
-
+    return dict(variant=kw["variant"], batch=kw["batch"],
+                error=("out of memory" if "out of memory" in tail
+                       else tail.strip().splitlines()[-1] if tail.strip() else "failed"))
 
 # %% ../nbs/13_bench.ipynb #24d3dda2
-def bench_train(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8, steps=3, device="auto", workers=4, data="",
-                amp="auto", channels=32, mid_channels=128, groups=16, find_max_batch=False):
+def bench_train(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8, steps=3, device="auto", workers=4,
+                data="", amp="auto", channels=32, mid_channels=128, groups=16, find_max_batch=False):
     "Rows of the training benchmark (one fresh process per variant), with each variant's time as a ratio to dmfnet."
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    rows = [_bench_subprocess(variant=v, crop=crop, batch=batch, steps=steps, device=device, workers=workers, data=data, amp=amp,
-                              channels=channels, mid_channels=mid_channels, groups=groups) for v in variants]
+    rows = [_bench_subprocess(variant=v, crop=crop, batch=batch, steps=steps, device=device, workers=workers, data=data,
+                              amp=amp, channels=channels, mid_channels=mid_channels, groups=groups) for v in variants]
     ref = next((r for r in rows if r["variant"] == "dmfnet" and "error" not in r), None)
     for r in rows:
         if ref and "error" not in r: r["time_vs_dmfnet"] = r["step_s"] / ref["step_s"]
     if find_max_batch and device == "cuda":
         for r in rows:
             for budget in (16, 24):
-                r[f"max_batch_{budget}gb"] = _max_batch(r["variant"], crop, budget, amp, data, channels, mid_channels, groups)
+                r[f"max_batch_{budget}gb"] = _max_batch(r["variant"], crop, budget, amp, data, channels, mid_channels,
+                                                        groups)
     return rows
 
 def _max_batch(variant, crop, budget_gib, amp, data, channels, mid_channels, groups):
     "Largest batch (powers of two, then a bisection) whose training step peaks under `budget_gib` of GPU memory."
     def fits(b):
-        r = _bench_subprocess(variant=variant, crop=crop, batch=b, steps=1, device="cuda", workers=2, data=data, amp=amp,
-                              channels=channels, mid_channels=mid_channels, groups=groups)
+        r = _bench_subprocess(variant=variant, crop=crop, batch=b, steps=1, device="cuda", workers=2, data=data,
+                              amp=amp, channels=channels, mid_channels=mid_channels, groups=groups)
         return "error" not in r and r["peak_gib"] <= budget_gib
     lo, hi = 0, 1
     while fits(hi) and hi <= 256: lo, hi = hi, hi * 2
@@ -226,24 +280,32 @@ def _max_batch(variant, crop, budget_gib, amp, data, channels, mid_channels, gro
 # %% ../nbs/13_bench.ipynb #0eaa022a
 def add_train_bench_cli(bsub):
     "Register `brats-nb bench train`."
-    p = bsub.add_parser("train", help="training throughput, data vs compute time, peak memory; inference with/without TTA",
-                        description="Training benchmark at the reference configuration (4x128^3 crops, batch 8) for each variant.")
+    p = bsub.add_parser("train",
+                        help="training throughput, data vs compute time, peak memory; inference with/without TTA",
+                        description="Training benchmark at the reference configuration (4x128^3 crops, batch 8) "
+                                    "for each variant.")
     p.add_argument("--variants", nargs="+", default=["dmfnet", "mie", "sie", "bsc", "all"], choices=list(ARMS))
-    p.add_argument("--crop", type=int, default=128); p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
-    p.add_argument("--workers", type=int, default=4); p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="auto")
     p.add_argument("--data", default="", help="BraTS folder (default: the bundled samples)")
-    p.add_argument("--amp", default="auto"); p.add_argument("--channels", type=int, default=32)
-    p.add_argument("--mid-channels", type=int, default=128); p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--amp", default="auto")
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--mid-channels", type=int, default=128)
+    p.add_argument("--groups", type=int, default=16)
     p.add_argument("--max-batch", action="store_true", help="on a GPU, also find the largest batch for 16 and 24 GB")
     p.add_argument("--no-inference", action="store_true", help="skip the inference table")
     def run(a):
-        rows = bench_train(a.variants, a.crop, a.batch, a.steps, a.device, a.workers, a.data, a.amp, a.channels, a.mid_channels,
-                           a.groups, a.max_batch)
-        cols = ["variant", "batch", "crop", "amp", "vols_per_s", "step_s", "data_s", "compute_s", "peak_gib", "time_vs_dmfnet"]
+        rows = bench_train(a.variants, a.crop, a.batch, a.steps, a.device, a.workers, a.data, a.amp, a.channels,
+                           a.mid_channels, a.groups, a.max_batch)
+        cols = ["variant", "batch", "crop", "amp", "vols_per_s", "step_s", "data_s", "compute_s", "peak_gib",
+                "time_vs_dmfnet"]
         if a.max_batch: cols += ["max_batch_16gb", "max_batch_24gb"]
         if any("error" in r for r in rows): cols.append("error")
-        print(f"training step, {a.crop}^3 crops, batch {a.batch}, median of {a.steps} steps (peak_gib: GPU allocated, or process max RSS on CPU)")
+        print(f"training step, {a.crop}^3 crops, batch {a.batch}, median of {a.steps} steps "
+              "(peak_gib: GPU allocated, or process max RSS on CPU)")
         print(format_table(rows, cols))
         if not a.no_inference:
             dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -262,27 +324,33 @@ def bench_loader(data="", crop=128, workers=None, batches=6, batch=8, cache_dir=
     cases = find_cases(data or samples_dir())
     entries = [cache_case(c, cache_dir)[1] for c in cases]
     ds = CachedDataset(entries, crop, samples_per_case=max(1, math.ceil(batch * (batches + 2) / len(entries))))
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
-    it = iter(dl); next(it); next(it)                          # workers started and warm
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                     persistent_workers=workers > 0)
+    it = iter(dl)
+    next(it)
+    next(it)  # workers started and warm
     t0 = time.perf_counter()
     for _ in range(batches): next(it)
     return dict(workers=workers, crop=crop, crops_per_s=batch * batches / (time.perf_counter() - t0))
 
+# %% ../nbs/13_bench.ipynb #b06e0304
 def bench_gpu(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8, steps=5, data="", workers=None,
               budgets=(16, 24, 80), epochs=500, n_cases=285, channels=32, mid_channels=128, groups=16):
-    """The instructor's GPU check: training volumes/s per arm at `crop`³, `batch`, bf16, channels-last on and off (cache
-    pipeline, augmentation on the GPU); the loader's crops/s and whether it keeps up; the largest batch per memory
-    budget; whole-volume inference (240x240x155) with and without TTA; peak memory; the projected time of the paper's
-    recipe (`n_cases` x `epochs` crops). Returns a dict of tables."""
+    """The instructor's GPU check: training volumes/s per arm at `crop`³, `batch`, bf16, channels-last on and off
+    (cache pipeline, augmentation on the GPU); the loader's crops/s and whether it keeps up; the largest batch per
+    memory budget; whole-volume inference (240x240x155) with and without TTA; peak memory; the projected time of the
+    paper's recipe (`n_cases` x `epochs` crops). Returns a dict of tables."""
     if not torch.cuda.is_available():
-        raise BratsError("`brats-nb bench gpu` needs a CUDA GPU (torch.cuda.is_available() is False); `brats-nb bench train` runs on the CPU")
-    kw = dict(crop=crop, batch=batch, steps=steps, device="cuda", workers=min(8, os.cpu_count() or 1), data=data, amp="bf16",
-              channels=channels, mid_channels=mid_channels, groups=groups, pipeline="cache")
+        raise BratsError("`brats-nb bench gpu` needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "`brats-nb bench train` runs on the CPU")
+    kw = dict(crop=crop, batch=batch, steps=steps, device="cuda", workers=min(8, os.cpu_count() or 1), data=data,
+              amp="bf16", channels=channels, mid_channels=mid_channels, groups=groups, pipeline="cache")
     train = [_bench_subprocess(variant=v, channels_last=cl, **kw) for v in variants for cl in (True, False)]
     loader = bench_loader(data, crop, workers, batch=batch)
     best = {}
     for r in train:
-        if "error" not in r and r["vols_per_s"] > best.get(r["variant"], {}).get("vols_per_s", 0): best[r["variant"]] = r
+        if "error" not in r and r["vols_per_s"] > best.get(r["variant"], {}).get("vols_per_s", 0):
+            best[r["variant"]] = r
     for r in train:
         if "error" not in r: r["loader_keeps_up"] = loader["crops_per_s"] >= r["vols_per_s"]
     fit = {b: _max_batch("all", crop, b, "bf16", data, channels, mid_channels, groups) for b in budgets}
@@ -292,26 +360,33 @@ def bench_gpu(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8
     projected = {v: n_cases * epochs / r / 3600 for v, r in rate.items()}
     return dict(train=train, loader=loader, max_batch=fit, inference=infer, projected_hours=projected)
 
+# %% ../nbs/13_bench.ipynb #c232fd92
 def format_bench_gpu(res):
     "The tables of `bench_gpu` as text."
     out = [f"training, {res['train'][0].get('crop', '?')}³ crops, bf16, cache pipeline (augmentation on the GPU)",
-           format_table(res["train"], [c for c in ("variant", "channels_last", "batch", "vols_per_s", "step_s", "data_s", "compute_s",
-                                                   "peak_gib", "loader_keeps_up", "error") if any(c in r for r in res["train"])]),
+           format_table(res["train"], [c for c in ("variant", "channels_last", "batch", "vols_per_s", "step_s",
+                                                   "data_s", "compute_s", "peak_gib", "loader_keeps_up", "error")
+                                       if any(c in r for r in res["train"])]),
            f"\nloader: {res['loader']['crops_per_s']:.1f} crops/s with {res['loader']['workers']} workers",
            "largest batch of 'all' (GiB: batch): " + ", ".join(f"{b}: {n}" for b, n in res["max_batch"].items()),
            "\nwhole-volume inference, 240x240x155", format_table(res["inference"], list(res["inference"][0].keys())),
-           "\nprojected time of the 500-epoch recipe (hours): " + ", ".join(f"{v} {h:.2f}" for v, h in res["projected_hours"].items())]
+           "\nprojected time of the 500-epoch recipe (hours): "
+           + ", ".join(f"{v} {h:.2f}" for v, h in res["projected_hours"].items())]
     return "\n".join(out)
 
+# %% ../nbs/13_bench.ipynb #b346b7a5
 def add_gpu_bench_cli(bsub):
     "Register `brats-nb bench gpu`."
-    p = bsub.add_parser("gpu", help="the instructor's GPU check (training per arm, loader, memory, inference, projected time)",
-                        description="Run on one GPU in a few minutes: training volumes/s per arm (bf16, channels-last on/off), the "
-                                    "loader's crops/s, the largest batch for 16/24/80 GB, inference with and without TTA, and the "
-                                    "projected time of the paper's 500-epoch recipe.")
+    p = bsub.add_parser("gpu",
+                        help="the instructor's GPU check (training per arm, loader, memory, inference, projected time)",
+                        description="Run on one GPU in a few minutes: training volumes/s per arm (bf16, channels-last "
+                                    "on/off), the loader's crops/s, the largest batch for 16/24/80 GB, inference with "
+                                    "and without TTA, and the projected time of the paper's 500-epoch recipe.")
     p.add_argument("--variants", nargs="+", default=["dmfnet", "mie", "sie", "bsc", "all"], choices=list(ARMS))
-    p.add_argument("--crop", type=int, default=128); p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5); p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--workers", type=int, default=None)
     p.add_argument("--data", default="", help="BraTS folder (default: the bundled samples)")
     p.add_argument("--json", default=None, help="also write the tables as JSON")
     def run(a):
@@ -320,8 +395,9 @@ def add_gpu_bench_cli(bsub):
         if a.json: Path(a.json).write_text(json.dumps(res, indent=1, default=str))
     p.set_defaults(func=run)
 
-
 # %% ../nbs/13_bench.ipynb #5618ac5b
 def add_bench_cli(bsub):
     "Register `brats-nb bench model`, `brats-nb bench train` and `brats-nb bench gpu`."
-    add_model_bench_cli(bsub); add_train_bench_cli(bsub); add_gpu_bench_cli(bsub)
+    add_model_bench_cli(bsub)
+    add_train_bench_cli(bsub)
+    add_gpu_bench_cli(bsub)

@@ -10,13 +10,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
+from fastcore.basics import patch
+
 from .core import BratsError
 
 # %% auto #0
 __all__ = ['BRATS_CLASS_REGIONS', 'region_probs', 'target_regions', 'generalized_dice_loss', 'bsc_loss', 'BratsLoss']
 
 # %% ../nbs/06_losses.ipynb #968d8318
-BRATS_CLASS_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}   # softmax classes of each region (2017, 2023, Decathlon)
+# softmax classes of each region (2017, 2023, Decathlon)
+BRATS_CLASS_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 def region_probs(probs: torch.Tensor, regions=None) -> torch.Tensor:
     """Region probabilities (B, 3, ...) WT, TC, ET from a softmax (B, K+1, ...): the sum of each region's classes
@@ -24,33 +27,41 @@ def region_probs(probs: torch.Tensor, regions=None) -> torch.Tensor:
     regions = regions or BRATS_CLASS_REGIONS
     need = 1 + max(max(v) for v in regions.values())
     if probs.ndim < 3 or probs.shape[1] < need:
-        raise BratsError(f"region_probs: expected softmax probabilities (B, {need} or more, ...), got shape {tuple(probs.shape)}")
+        raise BratsError(f"region_probs: expected softmax probabilities (B, {need} or more, ...), "
+                         f"got shape {tuple(probs.shape)}")
     every = tuple(range(1, probs.shape[1]))
-    return torch.stack([1 - probs[:, 0] if tuple(regions[r]) == every else probs[:, list(regions[r])].sum(1) for r in ("WT", "TC", "ET")], 1)
+    return torch.stack([1 - probs[:, 0] if tuple(regions[r]) == every else probs[:, list(regions[r])].sum(1)
+                        for r in ("WT", "TC", "ET")], 1)
 
 def target_regions(target: torch.Tensor, regions=None) -> torch.Tensor:
     "Nested regions (B, 3, ...) as floats from class indices (B, ...) (`regions` as `region_probs`; default 3 = ET)."
     regions = regions or BRATS_CLASS_REGIONS
-    return torch.stack([torch.isin(target, torch.tensor(regions[r], device=target.device)) for r in ("WT", "TC", "ET")], 1).float()
+    return torch.stack([torch.isin(target, torch.tensor(regions[r], device=target.device))
+                        for r in ("WT", "TC", "ET")], 1).float()
 
 # %% ../nbs/06_losses.ipynb #fd9a9e09
 def _check(logits_or_probs, target, name):
     if logits_or_probs.ndim < 3 or logits_or_probs.shape[1] < 2:
-        raise BratsError(f"{name}: expected (B, C, *spatial) scores with C >= 2 classes, got shape {tuple(logits_or_probs.shape)}")
+        raise BratsError(f"{name}: expected (B, C, *spatial) scores with C >= 2 classes, "
+                         f"got shape {tuple(logits_or_probs.shape)}")
     if target.ndim == logits_or_probs.ndim and target.shape[1] == 1: target = target[:, 0]
     if tuple(target.shape) != (logits_or_probs.shape[0], *logits_or_probs.shape[2:]):
-        raise BratsError(f"{name}: target shape {tuple(target.shape)} does not match scores {tuple(logits_or_probs.shape)} "
+        raise BratsError(f"{name}: target shape {tuple(target.shape)} does not match scores "
+                         f"{tuple(logits_or_probs.shape)} "
                          f"(expected {(logits_or_probs.shape[0], *logits_or_probs.shape[2:])})")
     if target.dtype.is_floating_point: target = target.round().long()
     top = logits_or_probs.shape[1] - 1
     if not target.numel(): return target
     if target.device.type == "cpu" and not is_fake(target):        # checked here, with the values in the message
         if int(target.min()) < 0 or int(target.max()) > top:
-            raise BratsError(f"{name}: target classes must be 0..{top}, got values {int(target.min())}..{int(target.max())}")
+            raise BratsError(f"{name}: target classes must be 0..{top}, "
+                             f"got values {int(target.min())}..{int(target.max())}")
     else:                                                          # on a GPU: checked there, without waiting for it
         torch._assert_async(((target >= 0) & (target <= top)).all(), f"{name}: target classes must be 0..{top}")
     return target
 
+
+# %% ../nbs/06_losses.ipynb #d2b236be
 def _gdl_batch(p, g, eps):
     "DMFNet's form: sums over the batch and space, w = 1/(|G|^2 + eps) (an absent class weighs 1/eps)."
     dims = (0, *range(2, p.ndim))
@@ -58,10 +69,13 @@ def _gdl_batch(p, g, eps):
     w = 1.0 / (vol_g * vol_g + eps)
     return 1 - 2 * (w * inter).sum() / ((w * (vol_p + vol_g)).sum() + eps)
 
+
+# %% ../nbs/06_losses.ipynb #c063f354
 def generalized_dice_loss(probs, target, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, weights="sample"):
     """Generalised Dice loss with squared-volume weights of softmax `probs` (B, 4, ...) and classes `target` (B, ...).
     `weights`: 'sample' (per sample, as MONAI) or 'batch' (one weight set per batch, absent class 1/eps, as DMFNet)."""
-    if weights not in ("sample", "batch"): raise BratsError(f"generalized_dice_loss: weights {weights!r}: use 'sample' or 'batch'")
+    if weights not in ("sample", "batch"):
+        raise BratsError(f"generalized_dice_loss: weights {weights!r}: use 'sample' or 'batch'")
     target = _check(probs, target, "generalized_dice_loss")
     g = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
     if not include_background: probs, g = probs[:, 1:], g[:, 1:]
@@ -80,8 +94,8 @@ def generalized_dice_loss(probs, target, include_background=False, smooth_nr=1e-
 def bsc_loss(rprobs, keypoints):
     "Boundary correction loss of region probabilities (B, 3, ...) and key point maps (B, 3, ...); a scalar tensor."
     if rprobs.shape != keypoints.shape or rprobs.ndim < 3 or rprobs.shape[1] != 3:
-        raise BratsError(f"bsc_loss: region probabilities {tuple(rprobs.shape)} and key point maps {tuple(keypoints.shape)} "
-                         "must both be (B, 3, *spatial)")
+        raise BratsError(f"bsc_loss: region probabilities {tuple(rprobs.shape)} and key point maps "
+                         f"{tuple(keypoints.shape)} must both be (B, 3, *spatial)")
     m = keypoints.to(rprobs.dtype)
     dims = tuple(range(2, m.ndim))
     size = m.sum(dims)                                             # (B, 3)
@@ -95,41 +109,55 @@ def bsc_loss(rprobs, keypoints):
 
 # %% ../nbs/06_losses.ipynb #70b74d97
 class BratsLoss(nn.Module):
-    """`GDL + ce_weight * CE + bsc_weight * BSC` on logits (B, 4, ...), classes (B, ...) and key point maps (B, 3, ...) or None.
-    `gdl_weights`: 'batch' (DMFNet's, the default) or 'sample' (MONAI's); `ce_weight` > 0 adds cross-entropy (not in the paper)."""
-    def __init__(self, bsc_weight=0.1, inside_only=False, smooth=1e-5, gdl_weights="batch", ce_weight=0.0, regions=None):
+    """`GDL + ce_weight * CE + bsc_weight * BSC` on logits (B, 4, ...), classes (B, ...) and key point maps
+    (B, 3, ...) or None. `gdl_weights`: 'batch' (DMFNet's, the default) or 'sample' (MONAI's); `ce_weight` > 0 adds
+    cross-entropy (not in the paper)."""
+    def __init__(self, bsc_weight=0.1, inside_only=False, smooth=1e-5, gdl_weights="batch", ce_weight=0.0,
+                 regions=None):
         super().__init__()
         if bsc_weight < 0: raise BratsError(f"BratsLoss: bsc_weight must be >= 0, got {bsc_weight}")
         if ce_weight < 0: raise BratsError(f"BratsLoss: ce_weight must be >= 0, got {ce_weight}")
-        if gdl_weights not in ("batch", "sample"): raise BratsError(f"BratsLoss: gdl_weights {gdl_weights!r}: use 'batch' or 'sample'")
+        if gdl_weights not in ("batch", "sample"):
+            raise BratsError(f"BratsLoss: gdl_weights {gdl_weights!r}: use 'batch' or 'sample'")
         self.bsc_weight, self.inside_only, self.smooth = float(bsc_weight), bool(inside_only), smooth
         self.gdl_weights, self.ce_weight = gdl_weights, float(ce_weight)
         self.regions = dict(regions or BRATS_CLASS_REGIONS)   # softmax classes of WT, TC, ET (`data.class_regions`)
-        self.sync = True   # parts as floats; False: as detached tensors (no wait for the GPU at every step; the trainer on CUDA)
+        # parts as floats; False: as detached tensors (no wait for the GPU at every step; the trainer on CUDA)
+        self.sync = True
 
-    def forward(self, logits, target, keypoints=None):
-        "Returns (total, parts): total a scalar tensor, parts {'gdl', 'ce', 'bsc', 'total'} as floats (0.0 for a skipped term)."
-        need = 1 + max(max(v) for v in self.regions.values())     # every class of WT, TC and ET needs a channel
-        if logits.ndim < 3 or logits.shape[1] < need:
-            raise BratsError(f"BratsLoss: expected (B, {need} or more, *spatial) scores for the classes of WT, TC and ET {self.regions}, "
-                             f"got shape {tuple(logits.shape)}")
-        target = _check(logits, target, "BratsLoss")
-        probs = torch.softmax(logits.float(), 1)
-        gdl = generalized_dice_loss(probs, target, smooth_nr=self.smooth, smooth_dr=self.smooth, weights=self.gdl_weights)
-        total, ce, bsc = gdl, None, None
-        if self.ce_weight > 0:
-            ce = F.cross_entropy(logits.float(), target)
-            total = total + self.ce_weight * ce
-        if keypoints is not None and self.bsc_weight > 0:
-            if keypoints.shape != (logits.shape[0], 3, *logits.shape[2:]):
-                raise BratsError(f"BratsLoss: key point maps {tuple(keypoints.shape)} must be "
-                                 f"{(logits.shape[0], 3, *logits.shape[2:])} (WT, TC, ET)")
-            m = keypoints.to(probs.dtype)
-            if self.inside_only: m = m * target_regions(target, self.regions)
-            bsc = bsc_loss(region_probs(probs, self.regions), m)
-            total = total + self.bsc_weight * bsc
-        f = (lambda t: float(t.detach()) if t is not None else 0.0) if self.sync else (lambda t: t.detach() if t is not None else 0.0)
-        return total, dict(gdl=f(gdl), ce=f(ce), bsc=f(bsc), total=f(total))
 
-    def extra_repr(self):
-        return f"bsc_weight={self.bsc_weight}, ce_weight={self.ce_weight}, gdl_weights={self.gdl_weights!r}, inside_only={self.inside_only}"
+# %% ../nbs/06_losses.ipynb #17e70a0e
+@patch
+def forward(self: BratsLoss, logits, target, keypoints=None):
+    """Returns (total, parts): total a scalar tensor, parts {'gdl', 'ce', 'bsc', 'total'} as floats (0.0 for a
+    skipped term)."""
+    need = 1 + max(max(v) for v in self.regions.values())     # every class of WT, TC and ET needs a channel
+    if logits.ndim < 3 or logits.shape[1] < need:
+        raise BratsError(f"BratsLoss: expected (B, {need} or more, *spatial) scores for the classes of WT, TC "
+                         f"and ET {self.regions}, got shape {tuple(logits.shape)}")
+    target = _check(logits, target, "BratsLoss")
+    probs = torch.softmax(logits.float(), 1)
+    gdl = generalized_dice_loss(probs, target, smooth_nr=self.smooth, smooth_dr=self.smooth,
+                                weights=self.gdl_weights)
+    total, ce, bsc = gdl, None, None
+    if self.ce_weight > 0:
+        ce = F.cross_entropy(logits.float(), target)
+        total = total + self.ce_weight * ce
+    if keypoints is not None and self.bsc_weight > 0:
+        if keypoints.shape != (logits.shape[0], 3, *logits.shape[2:]):
+            raise BratsError(f"BratsLoss: key point maps {tuple(keypoints.shape)} must be "
+                             f"{(logits.shape[0], 3, *logits.shape[2:])} (WT, TC, ET)")
+        m = keypoints.to(probs.dtype)
+        if self.inside_only: m = m * target_regions(target, self.regions)
+        bsc = bsc_loss(region_probs(probs, self.regions), m)
+        total = total + self.bsc_weight * bsc
+    f = ((lambda t: float(t.detach()) if t is not None else 0.0) if self.sync
+         else (lambda t: t.detach() if t is not None else 0.0))
+    return total, dict(gdl=f(gdl), ce=f(ce), bsc=f(bsc), total=f(total))
+
+
+# %% ../nbs/06_losses.ipynb #cb3c8db9
+@patch
+def extra_repr(self: BratsLoss):
+    return (f"bsc_weight={self.bsc_weight}, ce_weight={self.ce_weight}, gdl_weights={self.gdl_weights!r}, "
+            f"inside_only={self.inside_only}")

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from .core import BratsError, check_norm, check_spatial_dims, conv_class, norm_layer, act_layer
-from .data import Case, load_case, normalize, windowed, take_slice, png_bytes, tumour_centre, slice_controls, AXES, REGIONS, brain_mask, labels_to_regions
+from .data import (
+    Case, load_case, normalize, windowed, take_slice, png_bytes, tumour_centre, slice_controls, AXES, REGIONS,
+    brain_mask, labels_to_regions)
 
 # %% auto #0
 __all__ = ['SCSE', 'MIE', 'mie_attention', 'show_attention', 'attention_viewer', 'modality_importance',
@@ -51,7 +53,8 @@ class MIE(nn.Module):
         p = kernel_size // 2
         self.conv1 = Conv(in_channels, hidden, kernel_size, padding=p, groups=in_channels, bias=bias)
         self.norm1, self.act1 = norm_layer(norm, hidden, spatial_dims), act_layer(act)
-        self.conv2 = Conv(hidden, in_channels, kernel_size, padding=p, groups=in_channels if per_modality else 1, bias=bias)
+        self.conv2 = Conv(hidden, in_channels, kernel_size, padding=p, groups=in_channels if per_modality else 1,
+                          bias=bias)
         self.norm2, self.act2 = norm_layer(norm, in_channels, spatial_dims), act_layer(act)
         self.scse = SCSE(in_channels, reduction, spatial_dims, keep_attention)
 
@@ -78,7 +81,8 @@ def _is_mie(m):   # duck-typed: a notebook that redefines MIE still reads the li
 def _find_mie(model):
     if _is_mie(model): return model
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        raise BratsError(f"{model}: a checkpoint path; load the network first: `model, _ = load_model(path)` (brats_nb.model)")
+        raise BratsError(f"{model}: a checkpoint path; load the network first: `model, _ = load_model(path)` "
+                         "(brats_nb.model)")
     m = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     mie = getattr(m, "mie", None)
     if not _is_mie(mie):
@@ -88,7 +92,8 @@ def _find_mie(model):
 
 @torch.no_grad()
 def mie_attention(case, model, device=None):
-    "Run the MIE of `model` on `case`: dict with the spatial map (X, Y, Z), channel weights (C,) and the normalised image."
+    """Run the MIE of `model` on `case`: dict with the spatial map (X, Y, Z), channel weights (C,) and the normalised
+    image."""
     if not isinstance(case, Case): case = load_case(case)
     mie = _find_mie(model)
     dev = device or next(mie.parameters()).device
@@ -98,7 +103,8 @@ def mie_attention(case, model, device=None):
     try: mie(torch.from_numpy(image)[None].to(dev))
     finally: mie.train(was_training)
     names = list(case.modalities) if mie.per_modality else [f"channel {i}" for i in range(mie.in_channels)]
-    return dict(spatial=mie.last_spatial_map[0, 0].float().cpu().numpy(), channels=mie.last_channel_weights[0].float().cpu().numpy(),
+    return dict(spatial=mie.last_spatial_map[0, 0].float().cpu().numpy(),
+                channels=mie.last_channel_weights[0].float().cpu().numpy(),
                 names=names, image=image)
 
 # %% ../nbs/02_mie.ipynb #a6a9e928
@@ -120,11 +126,16 @@ def show_attention(case, model, axis="axial", index=None, stretch=True, figsize=
     lo, hi = _range(att["spatial"], stretch)
     fig, axs = plt.subplots(1, 6, figsize=figsize, gridspec_kw=dict(width_ratios=[1, 1, 1, 1, 1.2, 1.1]))
     for c in range(4):
-        axs[c].imshow(take_slice(win[c], a, index), cmap="gray", vmin=0, vmax=1); axs[c].set_title(case.modalities[c]); axs[c].axis("off")
+        axs[c].imshow(take_slice(win[c], a, index), cmap="gray", vmin=0, vmax=1)
+        axs[c].set_title(case.modalities[c])
+        axs[c].axis("off")
     im = axs[4].imshow(take_slice(att["spatial"], a, index), cmap="magma", vmin=lo, vmax=hi)
-    axs[4].set_title("spatial attention q(v)"); axs[4].axis("off"); fig.colorbar(im, ax=axs[4], fraction=0.046)
+    axs[4].set_title("spatial attention q(v)")
+    axs[4].axis("off")
+    fig.colorbar(im, ax=axs[4], fraction=0.046)
     axs[5].bar(range(len(att["channels"])), att["channels"], color="tab:blue")
-    axs[5].set_xticks(range(len(att["channels"])), att["names"], rotation=30); axs[5].set_ylim(0, 1)
+    axs[5].set_xticks(range(len(att["channels"])), att["names"], rotation=30)
+    axs[5].set_ylim(0, 1)
     axs[5].set_title("channel weights s")
     fig.suptitle(f"{case.name}: MIE attention, {axis if isinstance(axis, str) else 'axis ' + str(axis)} slice {index}")
     fig.tight_layout()
@@ -137,10 +148,13 @@ def _bars_html(values, names, highlight=None):
         col = "#d62728" if n == highlight else "#1f77b4"
         rows.append(f"<div style='display:flex;align-items:center;font-family:monospace;font-size:12px'>"
                     f"<span style='width:80px'>{html.escape(n)}</span>"
-                    f"<span style='display:inline-block;height:12px;width:{int(round(200 * float(v)))}px;background:{col}'></span>"
+                    f"<span style='display:inline-block;height:12px;width:{int(round(200 * float(v)))}px;"
+                    f"background:{col}'></span>"
                     f"<span style='margin-left:6px'>{float(v):.3f}</span></div>")
     return "<b>channel weights s</b>" + "".join(rows)
 
+
+# %% ../nbs/02_mie.ipynb #0216c97f
 def attention_viewer(case, model, axis="axial", modality="flair", stretch=True, scale=2, alpha=0.5):
     "A widget: modality, scSE spatial map and overlay on a slice (slider, axis, modality), channel weights as bars."
     import ipywidgets as W
@@ -180,9 +194,12 @@ def modality_importance(case, model, device=None):
     if not isinstance(case, Case): case = load_case(case)
     if case.label is None: raise BratsError(f"{case.name}: modality importance per region needs a label map")
     mie = _find_mie(model)
-    if not mie.per_modality: raise BratsError("modality importance needs an MIE with per_modality=True (its channels are then the modalities)")
+    if not mie.per_modality:
+        raise BratsError("modality importance needs an MIE with per_modality=True "
+                         "(its channels are then the modalities)")
     dev = device or next(mie.parameters()).device
-    was_training = mie.training; mie.eval()
+    was_training = mie.training
+    mie.eval()
     try:
         x = torch.from_numpy(normalize(case.image))[None].to(dev)
         u = mie.act2(mie.norm2(mie.conv2(mie.act1(mie.norm1(mie.conv1(x))))))
@@ -197,6 +214,8 @@ def modality_importance(case, model, device=None):
         res[r] = {name: float(v) for name, v in zip(case.modalities, c / max(float(c.sum()), 1e-12))}
     return res
 
+
+# %% ../nbs/02_mie.ipynb #55482f11
 def show_modality_importance(case, models, figsize=None):
     "Heat maps of `modality_importance` (regions × modalities), one per model of the dict `models` {title: model}."
     import matplotlib.pyplot as plt
@@ -204,9 +223,11 @@ def show_modality_importance(case, models, figsize=None):
     fig, axs = plt.subplots(1, len(models), figsize=figsize or (4.2 * len(models), 2.8), squeeze=False)
     for ax, (title, model) in zip(axs[0], models.items()):
         imp = modality_importance(case, model)
-        rows = list(imp); mat = np.array([[imp[r][m] for m in case.modalities] for r in rows])
+        rows = list(imp)
+        mat = np.array([[imp[r][m] for m in case.modalities] for r in rows])
         ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(0.5, float(mat.max())))
-        ax.set_xticks(range(len(case.modalities)), case.modalities); ax.set_yticks(range(len(rows)), rows)
+        ax.set_xticks(range(len(case.modalities)), case.modalities)
+        ax.set_yticks(range(len(rows)), rows)
         for (a, b), v in np.ndenumerate(mat): ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=8)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"{case.name}: share of each modality in MIE's output, per region", fontsize=10)

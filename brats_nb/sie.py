@@ -21,8 +21,8 @@ class SIE(nn.Module):
         Conv = conv_class(spatial_dims)
         if channels < 1: raise BratsError(f"SIE needs at least one channel, got {channels}")
         self.channels, self.dilations, self.interleave = channels, tuple(dilations), interleave
-        self.branches = nn.ModuleList([Conv(channels, channels, 1, groups=channels)] +
-                                      [Conv(channels, channels, 3, padding=d, dilation=d, groups=channels) for d in self.dilations])
+        self.branches = nn.ModuleList([Conv(channels, channels, 1, groups=channels)] + [
+            Conv(channels, channels, 3, padding=d, dilation=d, groups=channels) for d in self.dilations])
         self.fuse = Conv(len(self.branches) * channels, channels, 1, groups=channels)
 
     def stack(self, x):
@@ -42,7 +42,8 @@ class SIE(nn.Module):
         col = (1, C) + (1,) * nd
         b0 = self.branches[0]
         bias = self.fuse.bias + sum(b.bias * w[:, k] for k, b in enumerate(self.branches))
-        # in x's dtype: under bf16/fp16 autocast the float32 bias and scale would promote the whole gate (and the block) to float32
+        # in x's dtype: under bf16/fp16 autocast the float32 bias and scale would promote the whole gate (and the
+        # block) to float32
         out = torch.addcmul(bias.view(col).to(x.dtype), x, (b0.weight.view(C) * w[:, 0]).view(col).to(x.dtype))
         for k, b in enumerate(self.branches[1:], 1):
             out = out + b._conv_forward(x, b.weight * w[:, k].view((C,) + (1,) * (nd + 1)), None)

@@ -28,7 +28,8 @@ def smooth_field(rng, shape, cells=6):
     "A smooth random field of `shape` with about `cells` bumps per axis, zero mean and unit spread (periodic)."
     shape = tuple(shape)
     spec = np.fft.rfftn(rng.standard_normal(shape))
-    freqs = np.meshgrid(*[np.fft.fftfreq(s) * s for s in shape[:-1]], np.fft.rfftfreq(shape[-1]) * shape[-1], indexing="ij")
+    freqs = np.meshgrid(*[np.fft.fftfreq(s) * s for s in shape[:-1]], np.fft.rfftfreq(shape[-1]) * shape[-1],
+                        indexing="ij")
     spec *= np.exp(-0.5 * sum(f ** 2 for f in freqs) / (cells / 3) ** 2)  # Gaussian low-pass, in cycles per axis
     f = np.fft.irfftn(spec, shape, axes=tuple(range(len(shape))))
     return ((f - f.mean()) / (f.std() + 1e-12)).astype(np.float32)
@@ -58,7 +59,8 @@ def _anatomy(rng, shape):
     folds = smooth_field(rng, shape, 14)
     depth = 1 - r  # 0 at the surface, growing inwards
     tissue[brain & (depth < 0.16 + 0.06 * folds)] = TISSUES.index("grey")
-    tissue[brain & ((depth < 0.025) | ((folds > 1.1) & (depth < 0.12)) | ((np.abs(x) < 0.022) & (z > -0.1)))] = TISSUES.index("csf")
+    tissue[brain & ((depth < 0.025) | ((folds > 1.1) & (depth < 0.12))
+                    | ((np.abs(x) < 0.022) & (z > -0.1)))] = TISSUES.index("csf")
     for side in (-1, 1):  # lateral ventricles
         v = ((x - 0.11 * side) / 0.075) ** 2 + ((y - 0.02) / 0.30) ** 2 + ((z - 0.12) / 0.12) ** 2
         tissue[brain & (v < 1 + 0.3 * smooth_field(rng, shape, 4))] = TISSUES.index("csf")
@@ -96,18 +98,22 @@ def make_case(seed=0, shape=(96, 96, 96), noise=0.03, bias=0.1, blur=0.8):
     tum, fade = _tumour(rng, shape, brain, coords)
     label = np.zeros(shape, np.uint8)
     for name in ("edema", "necrosis", "enhancing"):  # later ones win
-        tissue[tum[name]] = TISSUES.index(name); label[tum[name]] = TISSUE_LABEL[name]
+        tissue[tum[name]] = TISSUES.index(name)
+        label[tum[name]] = TISSUE_LABEL[name]
     x, y, z = coords
     for _ in range(8):  # small enhancing vessels outside the tumour
         p = rng.uniform(-0.5, 0.5, 3)
-        ves = (((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) < rng.uniform(0.02, 0.035) ** 2) & brain & (label == 0)
+        ves = ((((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) < rng.uniform(0.02, 0.035) ** 2)
+               & brain & (label == 0))
         tissue[ves] = TISSUES.index("vessel")
     out = {}
     for m, name in enumerate(("t1", "t1ce", "t2", "flair")):
         img = CONTRAST[tissue, m]
         ed = tissue == TISSUES.index("edema")  # faint edema at the edge: between white matter and edema
-        img[ed] = CONTRAST[TISSUES.index("white"), m] + (0.25 + 0.75 * fade[ed]) * (CONTRAST[TISSUES.index("edema"), m] - CONTRAST[TISSUES.index("white"), m])
-        img = img * (1 + 0.04 * smooth_field(rng, shape, 20)) * np.where(tissue == TISSUES.index("enhancing"), 1 + 0.12 * smooth_field(rng, shape, 10), 1)
+        img[ed] = CONTRAST[TISSUES.index("white"), m] + (0.25 + 0.75 * fade[ed]) * (
+            CONTRAST[TISSUES.index("edema"), m] - CONTRAST[TISSUES.index("white"), m])
+        img = img * (1 + 0.04 * smooth_field(rng, shape, 20)) * np.where(
+            tissue == TISSUES.index("enhancing"), 1 + 0.12 * smooth_field(rng, shape, 10), 1)
         img = ndimage.gaussian_filter(img, blur) * np.exp(bias * smooth_field(rng, shape, 3))
         img = np.hypot(img + rng.normal(0, noise, shape), rng.normal(0, noise, shape))
         out[name] = np.where(brain, img * rng.uniform(350, 650), 0).astype(np.float32)
@@ -131,6 +137,7 @@ MODALITY_FILES = {"brats2017": dict(t1="t1", t1ce="t1ce", t2="t2", flair="flair"
                   "brats2023": dict(t1="t1n", t1ce="t1c", t2="t2w", flair="t2f", seg="seg", sep="-", et=3)}
 LAYOUTS = ("brats2017", "brats2023", "brats2024-post", "brats2024-ped", "men-rt", "msd")   # what `write_case` can write
 
+# %% ../nbs/01_synth.ipynb #03fbfb0e
 def _inner_core(label):
     "The inner part of the necrotic core (eroded by one voxel; the core itself where that leaves nothing)."
     nec = label == 1
@@ -150,47 +157,67 @@ def layout_case(arrays, layout):
     for m, name in enumerate(("t1", "t1ce", "t2", "flair")):   # necrosis -> fluid: scale by the contrast ratio
         out[name] = np.where(fluid, arrays[name] * (csf[m] / nec[m]), arrays[name]).astype(np.float32)
     if layout == "brats2024-post":
-        new = np.select([lab == 1, lab == 2, lab == 4], [1, 2, 3], 0); new[fluid] = 4
+        new = np.select([lab == 1, lab == 2, lab == 4], [1, 2, 3], 0)
+        new[fluid] = 4
     elif layout == "brats2024-ped":
-        new = np.select([lab == 1, lab == 2, lab == 4], [2, 4, 1], 0); new[fluid] = 3
+        new = np.select([lab == 1, lab == 2, lab == 4], [2, 4, 1], 0)
+        new[fluid] = 3
     else: raise BratsError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     out["label"] = new.astype(np.uint8)
     return out
 
+# %% ../nbs/01_synth.ipynb #85b2ddd7
 def case_name(layout, i):
-    "The name of sample `i` in `layout`: `Synth_<i>`, or the BraTS name that tells its sub-challenge (pediatric, MEN-RT)."
-    return {"brats2024-ped": f"BraTS-PED-{i:05d}-000", "men-rt": f"BraTS-MEN-RT-{i:04d}-1"}.get(layout, f"Synth_{i:03d}")
+    """The name of sample `i` in `layout`: `Synth_<i>`, or the BraTS name that tells its sub-challenge (pediatric,
+    MEN-RT)."""
+    return {"brats2024-ped": f"BraTS-PED-{i:05d}-000",
+            "men-rt": f"BraTS-MEN-RT-{i:04d}-1"}.get(layout, f"Synth_{i:03d}")
 
+# %% ../nbs/01_synth.ipynb #68e18090
 MSD_LABELS = {1: 2, 2: 1, 4: 3}   # 2017 labels -> the Decathlon's: NCR/NET 1 -> 2, edema 2 -> 1, ET 4 -> 3
 
 def _write_msd(arrays, root, name, seg, affine):
     "The Decathlon Task01 layout: root/imagesTr/name.nii.gz (4D: FLAIR, T1w, T1gd, T2w), root/labelsTr/name.nii.gz."
-    root = Path(root); (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    root = Path(root)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.stack([np.round(arrays[m]) for m in MSD_CHANNELS], -1).astype(np.int16), affine)
-    img.header.set_xyzt_units("mm", "sec"); img.set_qform(affine, 1); img.set_sform(affine, 1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
     nib.save(img, str(root / "imagesTr" / f"{name}.nii.gz"))
     if seg:
         (root / "labelsTr").mkdir(exist_ok=True)
         lab = np.zeros_like(np.asarray(arrays["label"]), np.uint8)
         for a, b in MSD_LABELS.items(): lab[np.asarray(arrays["label"]) == a] = b
-        limg = nib.Nifti1Image(lab, affine); limg.set_qform(affine, 1); limg.set_sform(affine, 1)
+        limg = nib.Nifti1Image(lab, affine)
+        limg.set_qform(affine, 1)
+        limg.set_sform(affine, 1)
         nib.save(limg, str(root / "labelsTr" / f"{name}.nii.gz"))
     return root / "imagesTr" / f"{name}.nii.gz"
 
+# %% ../nbs/01_synth.ipynb #984dfc24
 def write_case(arrays, root, name, naming="brats2017", seg=True, affine=None):
-    """Write `arrays` (from `make_case`) as `root/name/name_<modality>.nii.gz` (or `-t1n` etc. for 2023), or in the Decathlon
-    layout (`naming="msd"`: root/imagesTr/name.nii.gz, 4D). Returns the case folder (the image file for msd)."""
+    """Write `arrays` (from `make_case`) as `root/name/name_<modality>.nii.gz` (or `-t1n` etc. for 2023), or in the
+    Decathlon layout (`naming="msd"`: root/imagesTr/name.nii.gz, 4D). Returns the case folder (the image file for
+    msd)."""
     shape = arrays["t1"].shape
-    if affine is None: affine = np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    if affine is None:
+        affine = np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
     if naming not in LAYOUTS: raise BratsError(f"unknown layout {naming!r}; use one of {', '.join(LAYOUTS)}")
     if naming == "msd": return _write_msd(arrays, root, name, seg, affine)
     arrays = layout_case(arrays, naming)
-    if naming == "men-rt": f = dict(t1ce="t1c", seg="gtv", sep="_", et=None)
-    else: f = {**MODALITY_FILES["brats2023" if naming.startswith("brats2024") else naming], "et": None if naming.startswith("brats2024") else MODALITY_FILES[naming]["et"]}
-    d = Path(root) / name; d.mkdir(parents=True, exist_ok=True)
+    if naming == "men-rt":
+        f = dict(t1ce="t1c", seg="gtv", sep="_", et=None)
+    else:
+        f = {**MODALITY_FILES["brats2023" if naming.startswith("brats2024") else naming],
+             "et": None if naming.startswith("brats2024") else MODALITY_FILES[naming]["et"]}
+    d = Path(root) / name
+    d.mkdir(parents=True, exist_ok=True)
     def save(a, key, dtype):
         img = nib.Nifti1Image(np.asarray(a).astype(dtype), affine)
-        img.header.set_xyzt_units("mm", "sec"); img.set_qform(affine, 1); img.set_sform(affine, 1)
+        img.header.set_xyzt_units("mm", "sec")
+        img.set_qform(affine, 1)
+        img.set_sform(affine, 1)
         nib.save(img, str(d / f"{name}{f['sep']}{f[key]}.nii.gz"))
     for m in ("t1", "t1ce", "t2", "flair"):
         if m in arrays: save(np.round(arrays[m]), m, np.int16)
@@ -208,13 +235,15 @@ SAMPLES_DIR = _repo_samples()  # the bundled samples of a source checkout
 N_SAMPLES, SAMPLE_SHAPE, N_HELDOUT = 10, (96, 96, 96), 8
 
 def make_samples(out_dir=SAMPLES_DIR, n=N_SAMPLES, seed=0, shape=SAMPLE_SHAPE, naming="brats2017", start=0):
-    "Write `n` synthetic cases `Synth_<start>`... under `out_dir`; case i depends on (seed, i) only, so the same arguments give the same bytes."
+    """Write `n` synthetic cases `Synth_<start>`... under `out_dir`; case i depends on (seed, i) only, so the same
+    arguments give the same bytes."""
     out = []
     for i in range(start, start + n):
         arrays = make_case(seed=np.random.SeedSequence([seed, i]), shape=shape)
         out.append(write_case(arrays, out_dir, case_name(naming, i), naming=naming))
     return out
 
+# %% ../nbs/01_synth.ipynb #8d8b4a52
 def samples_dir():
     "The bundled samples, or (in an installed package without them) a copy made once in ~/.cache/brats_nb."
     env = os.environ.get("BRATS_NB_SAMPLES")
@@ -226,7 +255,8 @@ def samples_dir():
 
 def heldout_dir(n=N_HELDOUT):
     """The held-out companions of the samples: `Synth_010`... made by the same seeded generator (the bytes that
-    `brats-nb make-samples --n 18` writes for them), written once to a cache ($BRATS_NB_HELDOUT or ~/.cache/brats_nb)."""
+    `brats-nb make-samples --n 18` writes for them), written once to a cache ($BRATS_NB_HELDOUT or
+    ~/.cache/brats_nb)."""
     env = os.environ.get("BRATS_NB_HELDOUT")
     out = Path(env) if env else Path.home() / ".cache" / "brats_nb" / f"heldout-{n}"
     if (out / f"Synth_{N_SAMPLES + n - 1:03d}").is_dir(): return out
@@ -245,16 +275,20 @@ def add_cli(sub):
     "Register `brats-nb make-samples`."
     p = sub.add_parser("make-samples", help="write synthetic BraTS-like cases (the bundled samples by default)",
                        description="Write seeded synthetic BraTS-like cases in the BraTS file layout.")
-    p.add_argument("out_dir", nargs="?", default=str(SAMPLES_DIR), help="where to write (default: the bundled data_samples/)")
+    p.add_argument("out_dir", nargs="?", default=str(SAMPLES_DIR),
+                   help="where to write (default: the bundled data_samples/)")
     p.add_argument("--n", type=int, default=N_SAMPLES, help="number of cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=list(SAMPLE_SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--naming", "--layout", choices=LAYOUTS, default="brats2017",
-                   help="file layout and labels: BraTS 2017-2021, BraTS 2023+, 2024 post-treatment (with a resection cavity), 2024 "
-                        "pediatric, 2024 MEN-RT (T1c and GTV only), or the Decathlon's Task01 (imagesTr/, labelsTr/, 4D images)")
-    p.add_argument("--start", type=int, default=0, help="index of the first case (10: the held-out companions of the samples)")
+                   help="file layout and labels: BraTS 2017-2021, BraTS 2023+, 2024 post-treatment (with a resection "
+                        "cavity), 2024 pediatric, 2024 MEN-RT (T1c and GTV only), "
+                        "or the Decathlon's Task01 (imagesTr/, labelsTr/, 4D images)")
+    p.add_argument("--start", type=int, default=0,
+                   help="index of the first case (10: the held-out companions of the samples)")
     def run(a):
-        if a.n < 1 or a.start < 0: raise BratsError(f"--n must be at least 1 and --start at least 0, got {a.n} and {a.start}")
+        if a.n < 1 or a.start < 0:
+            raise BratsError(f"--n must be at least 1 and --start at least 0, got {a.n} and {a.start}")
         dirs = make_samples(a.out_dir, a.n, a.seed, tuple(a.shape), a.naming, a.start)
         print(f"wrote {len(dirs)} cases under {Path(a.out_dir).resolve()}")
     p.set_defaults(func=run)

@@ -179,7 +179,8 @@ def read_dsb_case(case_dir, require_mask=True, instances=False):
     A case without masks/ (a test image) gives mask None when `require_mask=False`."""
     case_dir = Path(case_dir)
     if not case_dir.is_dir(): raise BratsError(f"{case_dir}: not a folder")
-    if not (case_dir / "images").is_dir(): raise BratsError(f"{case_dir}: no images/ folder (expected <id>/images/<id>.png)")
+    if not (case_dir / "images").is_dir():
+        raise BratsError(f"{case_dir}: no images/ folder (expected <id>/images/<id>.png)")
     image = read_image_2d(_dsb_image(case_dir))
     mdir = case_dir / "masks"
     if not mdir.is_dir():
@@ -226,7 +227,8 @@ def find_isic_pairs(root):
         elif p.suffix.lower() in _IMAGE_EXT and not p.stem.lower().endswith(("_superpixels", "_segmentation")):
             images.setdefault(p.stem, p)
     pairs = sorted((images[s], masks[s]) for s in masks if s in images)
-    if not pairs: raise BratsError(f"{root}: no ISIC image with a mask found (looked for <stem>.jpg and <stem>_segmentation.png)")
+    if not pairs:
+        raise BratsError(f"{root}: no ISIC image with a mask found (looked for <stem>.jpg and <stem>_segmentation.png)")
     return pairs
 
 # %% ../nbs/12_two_d.ipynb #6b110068
@@ -250,14 +252,17 @@ def contour_pixels(mask):
     pts, rings, seen = [], [], np.zeros(pad.shape, bool)
     for ring, c in enumerate(find_contours(pad.astype(np.float32), 0.5)):
         c = c[:-1]                                           # closed contour: last vertex repeats the first
-        a = np.floor(c).astype(np.int64); b = np.ceil(c).astype(np.int64)
-        p = np.where(pad[a[:, 0], a[:, 1]][:, None], a, b)   # of the two pixels the vertex separates, the foreground one
+        a = np.floor(c).astype(np.int64)
+        b = np.ceil(c).astype(np.int64)
+        p = np.where(pad[a[:, 0], a[:, 1]][:, None], a, b)  # of the two pixels the vertex separates, the foreground one
         keep = ~seen[p[:, 0], p[:, 1]]
         p = p[keep]
         _, first = np.unique(p[:, 0] * pad.shape[1] + p[:, 1], return_index=True)
         p = p[np.sort(first)]                                # first visit of each pixel, contour order kept
         seen[p[:, 0], p[:, 1]] = True
-        if len(p): pts.append(p - 1); rings.append(np.full(len(p), ring))
+        if len(p):
+            pts.append(p - 1)
+            rings.append(np.full(len(p), ring))
     pts, rings = np.concatenate(pts), np.concatenate(rings)
     return pts, np.unique(rings, return_inverse=True)[1].astype(np.int64)
 
@@ -268,8 +273,8 @@ def default_n(n_contour):
 
 # %% ../nbs/12_two_d.ipynb #8450e65d
 def ring_shares(rings, n, min_per_ring=6):
-    """Points per ring for a total of about `n`: proportional to the ring's length, at least `min_per_ring` (or `n`, or the whole ring
-    when shorter), at most the ring. (L,) ring ids -> (number of rings,) counts."""
+    """Points per ring for a total of about `n`: proportional to the ring's length, at least `min_per_ring` (or `n`,
+    or the whole ring when shorter), at most the ring. (L,) ring ids -> (number of rings,) counts."""
     L_r = np.bincount(rings)
     if n >= len(rings): return L_r
     return np.minimum(L_r, np.maximum(min(min_per_ring, n), np.round(n * L_r / len(rings)).astype(np.int64)))
@@ -287,12 +292,16 @@ def draw_candidates(rings, n, t, seed=0):
     take = np.concatenate([s + np.arange(k) for s, k in zip(start, share)])
     return np.sort(order[:, take], axis=1)
 
+# %% ../nbs/12_two_d.ipynb #07e4fca4
 def _edges(P, R):
-    "Closed-ring edges of candidates: P (t, n, 2) points, R (t, n) ring ids (contiguous). -> Q (next vertex), valid edge mask."
+    """Closed-ring edges of candidates: P (t, n, 2) points, R (t, n) ring ids (contiguous). -> Q (next vertex), valid
+    edge mask."""
     t, n = R.shape
     pos = np.broadcast_to(np.arange(n), (t, n))
-    start = np.ones((t, n), bool); start[:, 1:] = R[:, 1:] != R[:, :-1]
-    end = np.ones((t, n), bool); end[:, :-1] = R[:, 1:] != R[:, :-1]
+    start = np.ones((t, n), bool)
+    start[:, 1:] = R[:, 1:] != R[:, :-1]
+    end = np.ones((t, n), bool)
+    end[:, :-1] = R[:, 1:] != R[:, :-1]
     first = np.maximum.accumulate(np.where(start, pos, 0), axis=1)
     nxt = np.where(end, first, np.minimum(pos + 1, n - 1))
     Q = np.take_along_axis(P, nxt[..., None], axis=1)
@@ -313,7 +322,8 @@ def _ragged(counts):
 
 def fill_candidates(P, R, shape):
     "Closed even-odd fill of each candidate's polygons plus its points: bool (t, H, W). P (t, n, 2) int, R (t, n)."
-    t, n = R.shape; H, W = shape
+    t, n = R.shape
+    H, W = shape
     Q, ok = _edges(P, R)
     c = np.broadcast_to(np.arange(t)[:, None], (t, n))[ok]
     y1, x1, y2, x2 = P[..., 0][ok], P[..., 1][ok], Q[..., 0][ok], Q[..., 1][ok]
@@ -351,8 +361,8 @@ def fill_reference(points, rings, shape):
                 rows = (min(y1, y2) <= yy) & (yy < max(y1, y2))
                 left = (xx * dy > x1 * dy + (yy - y1) * dx) if dy > 0 else (xx * dy < x1 * dy + (yy - y1) * dx)
                 inside ^= rows & left                        # x_crossing < x, exactly
-            on_edge |= (((xx - x1) * dy - (yy - y1) * dx) == 0) & (np.minimum(x1, x2) <= xx) & (xx <= np.maximum(x1, x2)) \
-                       & (np.minimum(y1, y2) <= yy) & (yy <= np.maximum(y1, y2))
+            on_edge |= ((((xx - x1) * dy - (yy - y1) * dx) == 0) & (np.minimum(x1, x2) <= xx)
+                        & (xx <= np.maximum(x1, x2)) & (np.minimum(y1, y2) <= yy) & (yy <= np.maximum(y1, y2)))
     out = inside | on_edge
     out[points[:, 0], points[:, 1]] = True
     return out
@@ -400,7 +410,8 @@ def select_keypoints_2d(mask, n=None, t=100, radius=1, seed=0, chunk_pixels=16_0
     ious = np.empty(len(idx))
     for s in range(0, len(idx), step):
         fill = fill_candidates(local[idx[s:s + step]], rings[idx[s:s + step]], mc.shape)
-        inter = (fill & mc).sum((1, 2)); union = fill.sum((1, 2)) + mc.sum() - inter
+        inter = (fill & mc).sum((1, 2))
+        union = fill.sum((1, 2)) + mc.sum() - inter
         ious[s:s + step] = inter / union
     best = int(np.argmax(ious))
     shape = np.zeros(m.shape, bool)
@@ -408,18 +419,21 @@ def select_keypoints_2d(mask, n=None, t=100, radius=1, seed=0, chunk_pixels=16_0
     ious_t = np.repeat(ious, t) if len(idx) == 1 else ious
     points = pts[idx[best]]
     return keypoint_map_2d(points, m.shape, radius), dict(
-        info, n=int(idx.shape[1]), n_requested=n, iou=float(ious[best]), points=points, rings=rings[idx[best]], ious=ious_t,
-        history=np.maximum.accumulate(ious_t), best=best, shape=shape)
+        info, n=int(idx.shape[1]), n_requested=n, iou=float(ious[best]), points=points, rings=rings[idx[best]],
+        ious=ious_t, history=np.maximum.accumulate(ious_t), best=best, shape=shape)
 
 # %% ../nbs/12_two_d.ipynb #0bcac43f
 def show_keypoints_2d(image, mask, kmap, info, axs=None):
-    "Four panels: image with the contour and chosen points, the best polygon over the mask, the key point map, IoU vs iterations."
+    """Four panels: image with the contour and chosen points, the best polygon over the mask, the key point map, IoU
+    vs iterations."""
     if axs is None: _, axs = plt.subplots(1, 4, figsize=(14, 3.6))
     img = np.asarray(image)
     img = img.transpose(1, 2, 0) if img.ndim == 3 and img.shape[0] in (1, 3) else img
     pts, rings = info["points"], info["rings"]
-    axs[0].imshow(img, cmap="gray"); axs[0].contour(mask, [0.5], colors="c", linewidths=0.8)
-    axs[0].plot(pts[:, 1], pts[:, 0], "r.", ms=4); axs[0].set_title(f"contour and {len(pts)} chosen points")
+    axs[0].imshow(img, cmap="gray")
+    axs[0].contour(mask, [0.5], colors="c", linewidths=0.8)
+    axs[0].plot(pts[:, 1], pts[:, 0], "r.", ms=4)
+    axs[0].set_title(f"contour and {len(pts)} chosen points")
     axs[1].imshow(np.asarray(mask, float) + 0.0, cmap="gray", vmin=0, vmax=2)
     axs[1].imshow(np.ma.masked_where(~info["shape"], info["shape"]), cmap="autumn", alpha=0.45)
     for r in np.unique(rings):
@@ -427,20 +441,24 @@ def show_keypoints_2d(image, mask, kmap, info, axs=None):
         p = np.vstack([p, p[:1]])
         axs[1].plot(p[:, 1], p[:, 0], "r-", lw=0.8)
     axs[1].set_title(f"best polygon(s), IoU {info['iou']:.3f}")
-    axs[2].imshow(kmap, cmap="magma", interpolation="nearest"); axs[2].set_title(f"key point map (R = {info['radius']})")
+    axs[2].imshow(kmap, cmap="magma", interpolation="nearest")
+    axs[2].set_title(f"key point map (R = {info['radius']})")
     for a in axs[:3]: a.axis("off")
     h = info["history"]
     if len(h):
         axs[3].plot(np.arange(1, len(h) + 1), info["ious"], ".", color="0.6", ms=3, label="candidate")
         axs[3].plot(np.arange(1, len(h) + 1), h, "b-", label="best so far")
         axs[3].legend(fontsize=8)
-    axs[3].set_xlabel("iteration"); axs[3].set_ylabel("IoU"); axs[3].set_title("IoU vs iterations")
+    axs[3].set_xlabel("iteration")
+    axs[3].set_ylabel("IoU")
+    axs[3].set_title("IoU vs iterations")
     plt.tight_layout()
     return axs
 
 # %% ../nbs/12_two_d.ipynb #c8789eca
 def select_keypoints_2d_reference(mask, n=None, t=100, radius=1, seed=0):
-    "Per-candidate reference of `select_keypoints_2d` (same candidates, brute-force fill): (map, info with iou, points, ious)."
+    """Per-candidate reference of `select_keypoints_2d` (same candidates, brute-force fill): (map, info with iou,
+    points, ious)."""
     m = _check_mask2d(mask)
     pts, rings = contour_pixels(m)
     if not len(pts): return np.zeros(m.shape, np.uint8), dict(iou=1.0, points=pts, ious=np.ones(0))
@@ -456,6 +474,7 @@ def select_keypoints_2d_reference(mask, n=None, t=100, radius=1, seed=0):
     b = int(np.argmax(ious))
     return keypoint_map_2d(pts[idx[b]], m.shape, radius), dict(iou=float(ious[b]), points=pts[idx[b]], ious=ious)
 
+# %% ../nbs/12_two_d.ipynb #b23aeaba
 def bench_keypoints_2d(cases=None, t=100, repeats=3, reference=True):
     """Median times of `select_keypoints_2d` and of the per-candidate reference on named masks (dict name -> mask;
     default: a synthetic lesion and nuclei at 128², nuclei at 256²). Returns rows; `format_bench_2d` prints them."""
@@ -467,7 +486,9 @@ def bench_keypoints_2d(cases=None, t=100, repeats=3, reference=True):
         def timed(f):
             ts = []
             for _ in range(repeats):
-                t0 = time.perf_counter(); out = f(mask, t=t); ts.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                out = f(mask, t=t)
+                ts.append(time.perf_counter() - t0)
             return out, float(np.median(ts))
         (_, fi), tf = timed(select_keypoints_2d)
         row = dict(case=name, shape="×".join(map(str, mask.shape)), contour=fi["n_contour"], n=fi["n"], t=t,
@@ -480,7 +501,8 @@ def bench_keypoints_2d(cases=None, t=100, repeats=3, reference=True):
 
 # %% ../nbs/12_two_d.ipynb #0d18113c
 def format_bench_2d(rows):
-    cols = [c for c in ("case", "shape", "contour", "n", "t", "iou", "fast_ms", "ref_ms", "ratio", "same") if c in rows[0]]
+    cols = [c for c in ("case", "shape", "contour", "n", "t", "iou", "fast_ms", "ref_ms", "ratio", "same")
+            if c in rows[0]]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and v < 1 else f"{v:.1f}" if isinstance(v, float) else str(v)
     table = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
     w = [max(len(r[i]) for r in table) for i in range(len(cols))]
@@ -514,8 +536,10 @@ def hd95_2d(pred, gt, spacing=None) -> float:
 # %% ../nbs/12_two_d.ipynb #9ca7c718
 VARIANTS_2D = {"baseline": arm_network("dmfnet"), "full": arm_network("all")}  # the 2D arms: without and with MIE + SIE
 
-def build_model_2d(variant="full", in_channels=3, out_channels=2, channels=8, mid_channels=16, groups=4, norm="instance", **kwargs):
-    "A 2D DMFNet: 'baseline' (DMFNet) or 'full' (MIE + SIE); logits (B, out_channels, H, W). Other arguments go to `build_model`."
+def build_model_2d(variant="full", in_channels=3, out_channels=2, channels=8, mid_channels=16, groups=4,
+                   norm="instance", **kwargs):
+    """A 2D DMFNet: 'baseline' (DMFNet) or 'full' (MIE + SIE); logits (B, out_channels, H, W). Other arguments go to
+    `build_model`."""
     if variant not in VARIANTS_2D: raise BratsError(f"unknown 2D variant {variant!r}; use one of {list(VARIANTS_2D)}")
     model = build_model(VARIANTS_2D[variant], in_channels=in_channels, out_channels=out_channels, channels=channels,
                         mid_channels=mid_channels, groups=groups, norm=norm, spatial_dims=2, **kwargs)
@@ -548,7 +572,8 @@ def train_2d(model, images, masks, steps=50, kmaps=None, bsc_weight=0.1, batch=4
     (N, H, W) the loss adds BSC. Returns the loss of each step."""
     images, masks = np.asarray(images, np.float32), np.asarray(masks)
     if images.ndim != 4 or masks.shape != (images.shape[0],) + images.shape[2:]:
-        raise BratsError(f"train_2d: expected images (N, C, H, W) and masks (N, H, W), got {images.shape} and {masks.shape}")
+        raise BratsError(f"train_2d: expected images (N, C, H, W) and masks (N, H, W), "
+                         f"got {images.shape} and {masks.shape}")
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64))
     k_all = None if kmaps is None else torch.from_numpy(np.asarray(kmaps, np.float32))
@@ -571,6 +596,7 @@ def train_2d(model, images, masks, steps=50, kmaps=None, bsc_weight=0.1, batch=4
         losses.append(parts["total"])
     return losses
 
+# %% ../nbs/12_two_d.ipynb #d0563b3d
 @torch.no_grad()
 def predict_2d(model, images, batch=8, device="cpu"):
     "Binary predictions (N, H, W) uint8 (argmax of the two classes)."
@@ -579,7 +605,6 @@ def predict_2d(model, images, batch=8, device="cpu"):
     return np.concatenate([model(x[i:i + batch].to(device)).argmax(1).cpu().numpy().astype(np.uint8)
                            for i in range(0, len(x), batch)])
 
-# %% ../nbs/12_two_d.ipynb #d0563b3d
 def evaluate_2d(pred, gt, spacing=None):
     "Mean Dice, IoU and HD95 over a stack of 2D masks, and the per-image rows."
     rows = [dict(dice=dice_2d(p, g), iou=iou_2d(p, g), hd95=hd95_2d(p, g, spacing)) for p, g in zip(pred, gt)]

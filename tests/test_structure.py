@@ -11,13 +11,21 @@
   `real_data`), no notebook cites a file the repository does not hold, and every solution cell (`#| code-fold`)
   opens collapsed in JupyterLab (`jupyter.source_hidden` and `outputs_hidden`, kept by nbdev_clean), and every
   lesson sets torch's threads with `notebook_threads()` at its top.
+- Exported code reads like a textbook (issue 21), checked per notebook so that each one's state shows on its own:
+  every code line of an exported cell, and every line of brats_nb/*.py but `_modidx.py` and nbdev's own `__all__`,
+  fits in 120 characters; one statement per line (no `;`, found with `tokenize`, so a `;` in a string is fine);
+  an exported cell holds at most 40 lines, unless its first line after the `#|` directives says why it cannot be cut,
+  `# long cell: <reason>` (a dataclass that must stay whole, say); and two exported code cells never follow each
+  other: a markdown cell (what comes next and why) or a test cell stands between them.
 
-Each failure lists every violation at once, so the message works as a to-do list.
+Each failure lists every violation at once, so the message works as a to-do list. The layout rules take a list of
+cells, so `test_layout_rules_can_fail` proves on bad snippets that each of them can fail.
 """
 import ast
 import io
 import json
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -202,3 +210,168 @@ def test_pyflakes_clean():
 def test_lessons_run_anywhere():
     v = lesson_violations()
     assert not v, fmt("lesson cells that break a student's Run All or a fresh clone", v)
+
+
+MAX_LINE, MAX_CELL = 120, 40
+EXPORTS = {"export", "exports", "exporti"}
+LONG_CELL = re.compile(r"^# long cell: \S")
+NOTEBOOKS = sorted(p.name for p in NBS.glob("*.ipynb"))
+MODULES = sorted(p.name for p in PKG.glob("*.py") if p.name != "_modidx.py")
+
+
+def cell_source(c):
+    return "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+
+
+def directive_lines(src):
+    "The leading `#|` lines of a cell, where nbdev reads its directives."
+    lines = src.splitlines()
+    n = next((i for i, ln in enumerate(lines) if not ln.startswith("#|")), len(lines))
+    return lines[:n]
+
+
+def is_exported(c):
+    "A code cell with `#| export`, `#| exports` or `#| exporti` (a module name may follow)."
+    words = [ln.removeprefix("#|").split()[:1] for ln in directive_lines(cell_source(c))]
+    return c["cell_type"] == "code" and any(w and w[0] in EXPORTS for w in words)
+
+
+def exported_cells(cells):
+    "(index, source) of every exported code cell."
+    return [(i, cell_source(c)) for i, c in enumerate(cells) if is_exported(c)]
+
+
+def line_violations(cells, rel):
+    out = []
+    for i, src in exported_cells(cells):
+        for j, ln in enumerate(src.splitlines(), 1):
+            if len(ln) > MAX_LINE and not ln.startswith("#|"):
+                out.append(f"{rel} cell {i} line {j}: {len(ln)} chars > {MAX_LINE}: {ln.strip()[:50]}...")
+    return out
+
+
+def semicolon_violations(cells, rel):
+    out = []
+    for i, src in exported_cells(cells):
+        try:
+            toks = list(tokenize.generate_tokens(io.StringIO(src).readline))
+        except (tokenize.TokenError, SyntaxError) as e:
+            out.append(f"{rel} cell {i}: exported code that Python cannot tokenize ({e})")
+            continue
+        lines = src.splitlines()
+        out += [f"{rel} cell {i} line {t.start[0]}: `;` joins statements: {lines[t.start[0] - 1].strip()[:60]}"
+                for t in toks if t.type == tokenize.OP and t.string == ";"]
+    return out
+
+
+def cell_length_violations(cells, rel):
+    out = []
+    for i, src in exported_cells(cells):
+        lines = src.splitlines()
+        body = lines[len(directive_lines(src)):]
+        if len(lines) > MAX_CELL and not (body and LONG_CELL.match(body[0])):
+            name = next((ln.strip()[:50] for ln in body if ln.strip() and not ln.startswith("#")), "")
+            out.append(f"{rel} cell {i}: {len(lines)} lines > {MAX_CELL} ({name}...); split it at function boundaries "
+                       f"with prose between, or give a reason on its first line: `# long cell: <reason>`")
+    return out
+
+
+def adjacency_violations(cells, rel):
+    "Exported code cells with nothing between them and the exported cell before: no prose, no test."
+    out, prev = [], None
+    for i, c in enumerate(cells):
+        if c["cell_type"] not in ("code", "markdown") or not cell_source(c).strip():
+            continue  # raw and empty cells separate nothing
+        if is_exported(c):
+            if prev is not None:
+                out.append(f"{rel} cells {prev} and {i}: two exported code cells in a row; put a markdown cell "
+                           f"(what the next one does and why) or a test between them")
+            prev = i
+        else:
+            prev = None
+    return out
+
+
+def module_line_violations(path):
+    "Lines over MAX_LINE in a module file, but nbdev's `__all__`, which nbdev wraps at its own width."
+    text = path.read_text(encoding="utf-8")
+    skip = set()
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            skip |= set(range(node.lineno, node.end_lineno + 1))
+    return [f"brats_nb/{path.name}:{j}: {len(ln)} chars > {MAX_LINE}: {ln.strip()[:50]}..."
+            for j, ln in enumerate(text.splitlines(), 1) if len(ln) > MAX_LINE and j not in skip]
+
+
+def notebook_cells(name):
+    return json.loads((NBS / name).read_text(encoding="utf-8"))["cells"]
+
+
+FIX = "(fix them in the notebook, then nbdev_export)"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_exported_lines_fit(nb):
+    v = line_violations(notebook_cells(nb), f"nbs/{nb}")
+    assert not v, fmt(f"exported code lines over {MAX_LINE} characters; wrap them by hand {FIX}", v)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_lines_fit(module):
+    v = module_line_violations(PKG / module)
+    assert not v, fmt(f"module lines over {MAX_LINE} characters (fix them in the notebook, then nbdev_export)", v)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_one_statement_per_line(nb):
+    v = semicolon_violations(notebook_cells(nb), f"nbs/{nb}")
+    assert not v, fmt(f"`;` statement joins in exported code; one statement per line {FIX}", v)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_exported_cells_are_short(nb):
+    v = cell_length_violations(notebook_cells(nb), f"nbs/{nb}")
+    assert not v, fmt(f"exported cells over {MAX_CELL} lines", v)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_exported_cells_have_prose_between(nb):
+    v = adjacency_violations(notebook_cells(nb), f"nbs/{nb}")
+    assert not v, fmt("exported code cells back to back", v)
+
+
+def test_layout_rules_can_fail(tmp_path):
+    "Each layout rule finds a bad snippet and lets the good ones be."
+    def code(src):
+        return {"cell_type": "code", "source": src.splitlines(keepends=True), "metadata": {}, "outputs": []}
+
+    def md(src):
+        return {"cell_type": "markdown", "source": src, "metadata": {}}
+
+    long_line = "x = " + "1 + " * 40 + "1"
+    long_body = "\n".join(f"a{k} = {k}" for k in range(45))
+    cells = [
+        code(f"#| export\nx = 1; y = 2\ns = 'a;b'  # ; in a string and a comment\n{long_line}"),  # 0: ; and long
+        code(f"#| hide\n{long_line}; y = 1"),      # 1: not exported: nothing counts, and it separates
+        code("#|export\nfor i in range(2): pass"),  # 2
+        code("#| exports\nz = 3"),                  # 3: right after 2 -> adjacent
+        md("Prose."),
+        code(f"#| export\n{long_body}"),            # 5: too long
+        code(""),                                     # 6: an empty cell separates nothing
+        code(f"#| export\n#| hide\n# long cell: one dataclass\n{long_body}"),  # 7: a stated reason; after 5
+        md("More prose."),
+        code(f"#| export\n# long cell:\n{long_body}"),  # 9: no reason given
+        code("#| exporti\nw = (1;"),                 # 10: cannot tokenize, and after 9
+    ]
+    assert [v.split(":")[0] for v in line_violations(cells, "nb")] == ["nb cell 0 line 4"]
+    semis = semicolon_violations(cells, "nb")
+    assert [v.split(":")[0] for v in semis] == ["nb cell 0 line 2", "nb cell 10"], semis
+    assert [v.split(":")[0] for v in cell_length_violations(cells, "nb")] == ["nb cell 5", "nb cell 9"]
+    assert [v.split(":")[0] for v in adjacency_violations(cells, "nb")] == [
+        "nb cells 2 and 3", "nb cells 5 and 7", "nb cells 9 and 10"]
+    assert not any(f(cells[1:2] + cells[4:5], "nb") for f in (line_violations, semicolon_violations,
+                                                          cell_length_violations, adjacency_violations))
+    mod = tmp_path / "m.py"
+    names = ", ".join(f"'name_{k}'" for k in range(30))
+    mod.write_text(f"__all__ = [{names}]\n\n{long_line}\nok = 1\n", encoding="utf-8")
+    assert [v.split(": ")[0] for v in module_line_violations(mod)] == ["brats_nb/m.py:3"]
