@@ -29,11 +29,14 @@ class BratsError(ValueError):
 @contextmanager
 def atomic_path(path, suffix=""):
     "Yield a temporary path beside `path`; when the block ends without error it replaces `path`, else it is removed."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent); os.close(fd)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0); os.umask(umask)
+        umask = os.umask(0)
+        os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
@@ -53,7 +56,9 @@ def check_apart(out, inputs, option="--out"):
         if i is None: continue
         p = Path(i).expanduser().resolve()
         how = "is" if o == p else "lies inside" if p in o.parents else "holds" if o in p.parents else None
-        if how: raise BratsError(f"{option} {out} {how} the input folder {i}: brats_nb never writes where it reads; choose an output apart from it")
+        if how:
+            raise BratsError(f"{option} {out} {how} the input folder {i}: brats_nb never writes where it reads; "
+                             "choose an output apart from it")
     return Path(out)
 
 # %% ../nbs/00_core.ipynb #d0ee26aa
@@ -62,7 +67,8 @@ def pick_device(device="auto"):
     if isinstance(device, torch.device): device = str(device)
     if device in (None, "auto"): return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try: dev = torch.device(device)
-    except (RuntimeError, TypeError): raise BratsError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise BratsError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BratsError(f"device {device!r} asked for, but no CUDA GPU is available (use --device cpu)")
     return dev
@@ -99,7 +105,8 @@ def real_data(sub=""):
     "The folder `$BRATS_NB_DATA/sub` when it exists, else None after one line saying what to set."
     root = os.environ.get("BRATS_NB_DATA", "").strip()
     if not root:
-        print(f"skipped (real data): set BRATS_NB_DATA to a folder that holds {sub + '/' if sub else 'your data'} to run this cell.")
+        print(f"skipped (real data): set BRATS_NB_DATA to a folder that holds {sub + '/' if sub else 'your data'} "
+              "to run this cell.")
         return None
     p = Path(root).expanduser() / sub
     if not p.is_dir():
@@ -121,10 +128,12 @@ def available_cpus():
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
+# %% ../nbs/00_core.ipynb #2ed71e0f
 class ThreadGovernor:
     "Sets torch's intra-op threads to the CPUs that other processes leave idle (`threads=0`), or to `threads`."
     def __init__(self, threads=0, max_threads=None):
-        self.fixed = int(threads) or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 0)
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        self.fixed = int(threads) or (int(env) if env.isdigit() else 0)
         self.max = max_threads or available_cpus()
         self._mark()
 
@@ -140,8 +149,10 @@ class ThreadGovernor:
         return max(0.0, ((cpu[0] - self.cpu0[0]) - (t.user + t.system - self.own0)) / wall)
 
     def update(self, min_window=0.25):
-        "Choose and set the thread count from the load since the last call (at least `min_window` s: it waits); returns it."
-        if not self.fixed: time.sleep(max(0.0, min_window - (time.perf_counter() - self.t0)))   # a first call: measure a moment
+        ("Choose and set the thread count from the load since the last call (at least `min_window` s: it waits); "
+         "returns it.")
+        if not self.fixed:   # a first call: measure a moment
+            time.sleep(max(0.0, min_window - (time.perf_counter() - self.t0)))
         n = self.fixed or max(1, min(self.max, round(self.max - self.others_busy())))
         if n != torch.get_num_threads(): torch.set_num_threads(n)
         self._mark()
@@ -149,7 +160,8 @@ class ThreadGovernor:
 
 # %% ../nbs/00_core.ipynb #8507a7aa
 def notebook_threads(reserve=1):
-    "Set torch's CPU threads for a notebook kernel: the available CPUs but `reserve` (at least 1, at most $OMP_NUM_THREADS); returns the count."
+    ("Set torch's CPU threads for a notebook kernel: the available CPUs but `reserve` (at least 1, at most "
+     "$OMP_NUM_THREADS); returns the count.")
     n = max(1, available_cpus() - reserve)
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0: n = min(n, int(env))
@@ -168,7 +180,8 @@ def bbox(mask, margin=0):
     return tuple(out)
 
 def format_table(rows, cols=None):
-    "A plain-text table of `rows` (dicts) with the columns `cols` (default: the keys of the first row); floats with 3 decimals."
+    ("A plain-text table of `rows` (dicts) with the columns `cols` (default: the keys of the first row); "
+     "floats with 3 decimals.")
     cols = list(cols or (rows[0].keys() if rows else []))
     def fmt(v): return f"{v:.3f}" if isinstance(v, float) else str(v)
     cells = [list(cols)] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
@@ -177,7 +190,8 @@ def format_table(rows, cols=None):
 
 # %% ../nbs/00_core.ipynb #eecd677c
 NORMS = ("batch", "group", "instance", None)
-_NORM_ALIASES = {"batch": "batch", "bn": "batch", "batchnorm": "batch", "group": "group", "gn": "group", "groupnorm": "group",
+_NORM_ALIASES = {"batch": "batch", "bn": "batch", "batchnorm": "batch",
+                 "group": "group", "gn": "group", "groupnorm": "group",
                  "instance": "instance", "in": "instance", "instancenorm": "instance", "none": None, None: None}
 
 def check_norm(norm):
@@ -196,7 +210,8 @@ def conv_class(spatial_dims):
 
 def norm_layer(norm, channels, spatial_dims=3):
     "A normalisation layer for `channels` channels (`nn.Identity` for None)."
-    norm = check_norm(norm); check_spatial_dims(spatial_dims)
+    norm = check_norm(norm)
+    check_spatial_dims(spatial_dims)
     if norm is None: return nn.Identity()
     if norm == "batch": return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
     if norm == "group": return nn.GroupNorm(math.gcd(4, channels), channels)
@@ -210,7 +225,8 @@ def act_layer(act="relu"):
 
 # %% ../nbs/00_core.ipynb #fce2be6c
 def init_weights(module):
-    "DMFNet's initialisation: `kaiming_normal_` on the weight of every convolution (biases left as they are); returns `module`."
+    ("DMFNet's initialisation: `kaiming_normal_` on the weight of every convolution (biases left as they are); "
+     "returns `module`.")
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)): nn.init.kaiming_normal_(m.weight)
     return module

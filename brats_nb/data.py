@@ -37,7 +37,8 @@ NAMINGS = {  # file key of each modality in the two BraTS namings, and the separ
     "brats2017": dict(sep="_", keys={"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}),
     "brats2023": dict(sep="-", keys={"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}),
     "msd": dict(sep="_", keys={}),   # Decathlon Task01: imagesTr/<case>.nii.gz (4D) and labelsTr/<case>.nii.gz
-    "men-rt": dict(sep="_", keys={"t1ce": "t1c", "seg": "gtv"}, modalities=("t1ce",)),   # BraTS 2024 MEN-RT: T1c and the GTV
+    # BraTS 2024 MEN-RT: T1c and the GTV
+    "men-rt": dict(sep="_", keys={"t1ce": "t1c", "seg": "gtv"}, modalities=("t1ce",)),
 }
 
 def naming_modalities(naming):
@@ -59,26 +60,33 @@ class LabelConvention:
     @property
     def values(self): return {0, *self.labels}
 
+# %% ../nbs/00_data.ipynb #66d6259c
 CONVENTIONS = {c.name: c for c in (
-    LabelConvention("brats2017", {1: "NCR/NET", 2: "ED", 4: "ET"}, {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}, (1, 2, 4),
+    LabelConvention("brats2017", {1: "NCR/NET", 2: "ED", 4: "ET"},
+                    {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}, (1, 2, 4),
                     "BraTS 2017-2021"),
-    LabelConvention("brats2023", {1: "NETC", 2: "SNFH", 3: "ET"}, {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}, (1, 2, 3),
+    LabelConvention("brats2023", {1: "NETC", 2: "SNFH", 3: "ET"},
+                    {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}, (1, 2, 3),
                     "BraTS 2023+ GLI, MET, MEN, SSA, GoAT"),
     LabelConvention("brats2024-post", {1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"},
                     {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,), "RC": (4,)}, (1, 2, 3, 4),
                     "BraTS 2024-2025 glioma post-treatment, BraTS 2025 MET"),
-    LabelConvention("brats2024-ped", {1: "ET", 2: "NETC", 3: "CC", 4: "ED"}, {"WT": (1, 2, 3, 4), "TC": (1, 2, 3), "ET": (1,)}, (2, 4, 1, 3),
+    LabelConvention("brats2024-ped", {1: "ET", 2: "NETC", 3: "CC", 4: "ED"},
+                    {"WT": (1, 2, 3, 4), "TC": (1, 2, 3), "ET": (1,)}, (2, 4, 1, 3),
                     "BraTS 2024 pediatric"),
     LabelConvention("men-rt", {1: "GTV"}, {"GTV": (1,)}, None, "BraTS 2024 meningioma radiotherapy"),
-    LabelConvention("msd", {1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}, {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
+    LabelConvention("msd", {1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"},
+                    {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
                     (2, 1, 3), "Medical Segmentation Decathlon Task01_BrainTumour"),
 )}
-LABEL_CONVENTIONS = {k: c.regions["ET"][0] for k, c in CONVENTIONS.items() if "ET" in c.regions}   # the ET value of each
+# the ET value of each
+LABEL_CONVENTIONS = {k: c.regions["ET"][0] for k, c in CONVENTIONS.items() if "ET" in c.regions}
 
 def get_convention(convention):
     "The `LabelConvention` named `convention` (or given); a clear error for an unknown name."
     if isinstance(convention, LabelConvention): return convention
-    if convention not in CONVENTIONS: raise BratsError(f"unknown label convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
+    if convention not in CONVENTIONS:
+        raise BratsError(f"unknown label convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
     return CONVENTIONS[convention]
 
 # %% ../nbs/00_data.ipynb #5222446a
@@ -105,7 +113,8 @@ class CaseFiles:
         return self.paths[MODALITIES[0]] if self.naming == "msd" else self.dir
 
     def extra(self, suffix):
-        "Path of an extra per-case file written beside the case, e.g. `extra('keypoints')` (a Decathlon task: in brats_nb_extra/)."
+        ("Path of an extra per-case file written beside the case, e.g. `extra('keypoints')` "
+         "(a Decathlon task: in brats_nb_extra/).")
         if self.naming == "msd": return self.dir.parent / "brats_nb_extra" / f"{self.name}_{suffix}.nii.gz"
         return self.dir / f"{self.name}{NAMINGS[self.naming]['sep']}{suffix}.nii.gz"
 
@@ -114,19 +123,24 @@ def _msd_files(path):
     "The files of a Decathlon Task01 case: its 4D image in imagesTr/ (or imagesTs/) and its label in labelsTr/, if any."
     path = Path(path)
     if path.parent.name not in ("imagesTr", "imagesTs") or not path.name.endswith((".nii.gz", ".nii")):
-        raise BratsError(f"{path}: a case is a folder (BraTS) or imagesTr/<case>.nii.gz (Medical Segmentation Decathlon)")
+        raise BratsError(f"{path}: a case is a folder (BraTS) "
+                         "or imagesTr/<case>.nii.gz (Medical Segmentation Decathlon)")
     name = path.name.removesuffix(".gz").removesuffix(".nii")
     seg = path.parent.parent / path.parent.name.replace("images", "labels") / path.name
     return CaseFiles(name, path.parent, "msd", {m: path for m in MODALITIES}, seg if seg.is_file() else None)
 
 def _msd_images(root):
-    "The Decathlon image files under `root` (the task folder, or its imagesTr/ / imagesTs/), or [] when it is not that layout."
+    ("The Decathlon image files under `root` (the task folder, or its imagesTr/ / imagesTs/), "
+     "or [] when it is not that layout.")
     root = Path(root)
     folders = [root] if root.name in ("imagesTr", "imagesTs") else [root / "imagesTr", root / "imagesTs"]
-    return sorted(p for f in folders if f.is_dir() for p in f.iterdir() if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
+    return sorted(p for f in folders if f.is_dir() for p in f.iterdir()
+                  if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
 
+# %% ../nbs/00_data.ipynb #e5370555
 def case_files(case_dir) -> CaseFiles:
-    "Find the modality and label files of the case in `case_dir` (a BraTS case folder, either naming, or a Decathlon image file)."
+    ("Find the modality and label files of the case in `case_dir` "
+     "(a BraTS case folder, either naming, or a Decathlon image file).")
     if isinstance(case_dir, CaseFiles): return case_dir          # already found: nothing to look up again
     case_dir = Path(case_dir)
     if case_dir.is_file(): return _msd_files(case_dir)
@@ -135,7 +149,8 @@ def case_files(case_dir) -> CaseFiles:
     for p in sorted(case_dir.iterdir()):
         m = _KEY_RE.match(p.name)
         if m and p.is_file(): found.setdefault((m["prefix"], _naming_of(m["key"], m["sep"])), {})[m["key"]] = p
-    if not found: raise BratsError(f"{case_dir}: no BraTS image files (*_t1.nii.gz ... or *-t1n.nii.gz ...) in this folder")
+    if not found:
+        raise BratsError(f"{case_dir}: no BraTS image files (*_t1.nii.gz ... or *-t1n.nii.gz ...) in this folder")
     if len(found) > 1:
         raise BratsError(f"{case_dir}: files of several cases or namings in one folder: "
                          + ", ".join(f"{p} ({n})" for p, n in found))
@@ -150,13 +165,16 @@ def case_files(case_dir) -> CaseFiles:
 
 # %% ../nbs/00_data.ipynb #6008f6d1
 def find_cases(root) -> list[Path]:
-    "Sorted folders under `root` (or `root` itself) that hold a BraTS case, in either naming; or a Decathlon task's image files."
+    ("Sorted folders under `root` (or `root` itself) that hold a BraTS case, in either naming; "
+     "or a Decathlon task's image files.")
     root = Path(root)
     if not root.exists(): raise BratsError(f"{root}: no such folder")
     if not root.is_dir(): raise BratsError(f"{root}: not a folder")
     if msd := _msd_images(root): return msd                        # a Decathlon task: one 4D image file per case
-    dirs = sorted({Path(d) for d, _, files in os.walk(root, followlinks=True) if any(_KEY_RE.match(f) for f in files)})  # linked folders too
-    if not dirs: raise BratsError(f"{root}: no BraTS case found (looked for <case>_t1.nii.gz or <case>-t1n.nii.gz files)")
+    dirs = sorted({Path(d) for d, _, files in os.walk(root, followlinks=True)   # linked folders too
+                   if any(_KEY_RE.match(f) for f in files)})
+    if not dirs:
+        raise BratsError(f"{root}: no BraTS case found (looked for <case>_t1.nii.gz or <case>-t1n.nii.gz files)")
     for d in dirs: case_files(d)  # a broken case fails here, by name, before any work starts
     return dirs
 
@@ -178,22 +196,23 @@ def _check_same_space(ref_path, ref_img, path, img):
 
 # %% ../nbs/00_data.ipynb #b728ad7a
 def detect_label_convention(label, naming="brats2017", path="label map", name=""):
-    """The label convention of `label`, from its values, the file naming and the case name (`BraTS-PED-...`), where these
-    decide it; an error naming the file, the values and the option that settles it where they do not."""
+    """The label convention of `label`, from its values, the file naming and the case name (`BraTS-PED-...`), where
+    these decide it; an error naming the file, the values and the option that settles it where they do not."""
     values = set(np.unique(np.asarray(label)).tolist())
     shown = sorted(values)
     def fail(why):
-        raise BratsError(f"{path}: label values {shown} {why}; say which convention it is: load_case(..., label_convention=...) "
+        raise BratsError(f"{path}: label values {shown} {why}; say which convention it is: "
+                         "load_case(..., label_convention=...) "
                          f"or `brats-nb evaluate --convention`, one of {', '.join(CONVENTIONS)}")
     unknown = values - {0, 1, 2, 3, 4}
     if unknown: fail(f"include {sorted(unknown)}, which no BraTS convention uses")
-    if str(name).startswith("BraTS-PED"):                               # 2023: the GLI labels; 2024: 1 ET, 2 NETC, 3 CC, 4 ED
+    if str(name).startswith("BraTS-PED"):              # 2023: the GLI labels; 2024: 1 ET, 2 NETC, 3 CC, 4 ED
         if 4 in values: return "brats2024-ped"
         fail("fit both the 2023 pediatric labels (brats2023) and the 2024 ones (brats2024-ped)")
     if str(name).startswith("BraTS-MEN-RT") or naming == "men-rt":
         if values <= {0, 1}: return "men-rt"
         fail("are not a MEN-RT GTV map (0, 1)")
-    if naming == "brats2023":                                           # 2023+ files: 3 is ET, 4 the resection cavity
+    if naming == "brats2023":                          # 2023+ files: 3 is ET, 4 the resection cavity
         return "brats2024-post" if 4 in values else "brats2023"
     if {3, 4} <= values: fail("hold both 3 and 4 in the 2017-2021 naming (ET is 4 there)")
     if 3 in values: return "brats2023"                                  # 2023 labels under the old file names
@@ -228,12 +247,16 @@ class Case:
 
 # %% ../nbs/00_data.ipynb #05b10234
 def _load_msd(files, label_convention=None, load_label=True):
-    "A Decathlon Task01 case: the 4D image (FLAIR, T1w, T1gd, T2w) reordered to `MODALITIES`; labels in the `msd` convention."
+    ("A Decathlon Task01 case: the 4D image (FLAIR, T1w, T1gd, T2w) reordered to `MODALITIES`; "
+     "labels in the `msd` convention.")
     path = files.paths["t1"]
-    try: img = nib.load(str(path)); data = np.asanyarray(img.dataobj)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
     except Exception as e: raise BratsError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
     if data.ndim != 4 or data.shape[3] != len(MSD_CHANNELS):
-        raise BratsError(f"{path}: a Decathlon brain tumour image is 4D with {len(MSD_CHANNELS)} channels ({', '.join(MSD_CHANNELS)}), got shape {data.shape}")
+        raise BratsError(f"{path}: a Decathlon brain tumour image is 4D with {len(MSD_CHANNELS)} channels "
+                         f"({', '.join(MSD_CHANNELS)}), got shape {data.shape}")
     image = np.stack([data[..., MSD_CHANNELS.index(m)] for m in MODALITIES]).astype(np.float32)
     bad = ~np.isfinite(image)
     if bad.any(): raise BratsError(f"{path}: {int(bad.sum())} voxels are NaN or infinite")
@@ -245,12 +268,14 @@ def _load_msd(files, label_convention=None, load_label=True):
             raise BratsError(f"{files.seg}: label values must be whole numbers")
         label = ldata.astype(np.uint8)
         check_label_values(label, convention, files.seg)
-    header = img.header.copy(); header.set_data_shape(image.shape[1:])
+    header = img.header.copy()
+    header.set_data_shape(image.shape[1:])
     return Case(files.name, image, label, img.affine.copy(), header, files, get_convention(convention).name)
 
 # %% ../nbs/00_data.ipynb #4c82e745
 def load_case(case_dir, label_convention=None, load_label=True) -> Case:
-    "Load the case in `case_dir` (or its `CaseFiles`): the four modalities, stacked, and the label map when there is one."
+    ("Load the case in `case_dir` (or its `CaseFiles`): the four modalities, stacked, "
+     "and the label map when there is one.")
     files = case_files(case_dir)
     if files.naming == "msd": return _load_msd(files, label_convention, load_label)
     vols, ref = [], None
@@ -274,7 +299,8 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
         else: check_label_values(label, label_convention, files.seg)
     get_convention(convention)
     ref_img = ref[1]
-    return Case(files.name, np.stack(vols), label, ref_img.affine.copy(), ref_img.header.copy(), files, convention, tuple(files.paths))
+    return Case(files.name, np.stack(vols), label, ref_img.affine.copy(), ref_img.header.copy(), files, convention,
+                tuple(files.paths))
 
 # %% ../nbs/00_data.ipynb #915f99c3
 def et_label(convention):
@@ -289,12 +315,14 @@ def _label_and_convention(label, convention, what):
         if label.label is None: raise BratsError(f"{what}: case {label.name!r} has no label map")
         return label.label, get_convention(convention or label.label_convention)
     if convention is None:
-        raise BratsError(f"{what}: pass the label convention (convention=case.label_convention, one of {', '.join(CONVENTIONS)}) "
+        raise BratsError(f"{what}: pass the label convention (convention=case.label_convention, "
+                         f"one of {', '.join(CONVENTIONS)}) "
                          "or the Case itself; read in the wrong convention a 2023 map loses its ET")
     return label, get_convention(convention)
 
 def _isin(label, values):
-    if isinstance(label, torch.Tensor): return torch.isin(label, torch.tensor(values, dtype=label.dtype, device=label.device))
+    if isinstance(label, torch.Tensor):
+        return torch.isin(label, torch.tensor(values, dtype=label.dtype, device=label.device))
     return np.isin(label, values)
 
 def labels_to_regions(label, convention=None, regions=REGIONS):
@@ -302,24 +330,31 @@ def labels_to_regions(label, convention=None, regions=REGIONS):
     `label`: a label map with its `convention`, or a `Case` (which knows its convention)."""
     label, c = _label_and_convention(label, convention, "labels_to_regions")
     missing = [r for r in regions if r not in c.regions]
-    if missing: raise BratsError(f"label convention {c.name!r} has no region {missing[0]!r} (it has {', '.join(c.regions)})")
+    if missing:
+        raise BratsError(f"label convention {c.name!r} has no region {missing[0]!r} (it has {', '.join(c.regions)})")
     lib = torch if isinstance(label, torch.Tensor) else np
     return lib.stack([_isin(label, c.regions[r]) for r in regions])
 
+# %% ../nbs/00_data.ipynb #f172175f
 def _classes(c):
     if c.classes is None:
-        raise BratsError(f"label convention {c.name!r} ({c.where}) cannot be trained or predicted by the WT/TC/ET network; "
-                         "its regions can be evaluated (labels_to_regions)")
+        raise BratsError(f"label convention {c.name!r} ({c.where}) cannot be trained or predicted by the WT/TC/ET "
+                         "network; its regions can be evaluated (labels_to_regions)")
     return c.classes
 
 def regions_to_labels(regions, convention):
-    "Label map in `convention` from nested regions (WT, TC, ET) on the first axis: the ED-like value in WT, NCR-like in TC, ET in ET."
+    ("Label map in `convention` from nested regions (WT, TC, ET) on the first axis: "
+     "the ED-like value in WT, NCR-like in TC, ET in ET.")
     ncr, ed, et = _classes(get_convention(convention))[:3]
     if isinstance(regions, torch.Tensor):
-        r = regions.bool(); out = torch.zeros(r.shape[1:], dtype=torch.uint8, device=r.device)
+        r = regions.bool()
+        out = torch.zeros(r.shape[1:], dtype=torch.uint8, device=r.device)
     else:
-        r = np.asarray(regions).astype(bool); out = np.zeros(r.shape[1:], np.uint8)
-    out[r[0]] = ed; out[r[1]] = ncr; out[r[2]] = et
+        r = np.asarray(regions).astype(bool)
+        out = np.zeros(r.shape[1:], np.uint8)
+    out[r[0]] = ed
+    out[r[1]] = ncr
+    out[r[2]] = et
     return out
 
 # %% ../nbs/00_data.ipynb #cf95c379
@@ -329,29 +364,39 @@ def n_classes(convention):
 
 def class_regions(convention):
     "The softmax classes (1..K) that make up each of WT, TC and ET for a network trained in `convention`."
-    c = get_convention(convention); cl = _classes(c)
+    c = get_convention(convention)
+    cl = _classes(c)
     return {r: tuple(k for k, v in enumerate(cl, 1) if v in c.regions[r]) for r in REGIONS}
 
+# %% ../nbs/00_data.ipynb #8a0322d8
 def convention_of_label(label, files, convention=None):
-    "The convention of the label map `label` of a case's `files`: `convention` checked against its values, else detected."
-    if convention is not None: check_label_values(label, convention, files.seg); return get_convention(convention).name
+    ("The convention of the label map `label` of a case's `files`: `convention` checked against its values, "
+     "else detected.")
+    if convention is not None:
+        check_label_values(label, convention, files.seg)
+        return get_convention(convention).name
     return "msd" if files.naming == "msd" else detect_label_convention(label, files.naming, files.seg, files.name)
 
 def label_convention_of(case_dir, convention=None):
-    "The label convention of a labelled case, read from its label file alone (`convention`: the one to check it against)."
+    ("The label convention of a labelled case, read from its label file alone "
+     "(`convention`: the one to check it against).")
     files = case_files(case_dir)
     if files.seg is None: raise BratsError(f"{case_dir}: has no label file")
     _, data = read_nifti(files.seg)
     return convention_of_label(np.asarray(data).astype(np.uint8), files, convention)
 
 def check_classes(where, convention, classes):
-    "Raise a `BratsError` naming `where` when labels in `convention` need more tissue classes than a network's `classes`."
+    ("Raise a `BratsError` naming `where` when labels in `convention` need more tissue classes "
+     "than a network's `classes`.")
     if n_classes(convention) > classes:
-        raise BratsError(f"{where}: its labels ({convention}) have {n_classes(convention)} tissue classes, the network of this "
-                         f"run predicts {classes}; train with convention={convention!r} (--convention)")
+        raise BratsError(f"{where}: its labels ({convention}) have {n_classes(convention)} tissue classes, "
+                         f"the network of this run predicts {classes}; train with convention={convention!r} "
+                         "(--convention)")
 
+# %% ../nbs/00_data.ipynb #74c4e459
 def labels_to_classes(label, convention=None):
-    "Class indices for the softmax (1 NCR-like, 2 ED-like, 3 ET, then the convention's own: RC, CC) from a label map and its convention (or a Case)."
+    ("Class indices for the softmax (1 NCR-like, 2 ED-like, 3 ET, then the convention's own: RC, CC) "
+     "from a label map and its convention (or a Case).")
     label, c = _label_and_convention(label, convention, "labels_to_classes")
     out = torch.zeros_like(label) if isinstance(label, torch.Tensor) else np.zeros_like(np.asarray(label))
     for k, v in enumerate(_classes(c), 1): out[label == v] = k
@@ -398,13 +443,15 @@ def take_slice(vol, axis, index):
     "A 2D slice for display: rows top to bottom, the way radiologists look at it."
     return np.rot90(np.take(vol, index, axis=axis))
 
+# %% ../nbs/00_data.ipynb #1b2df1e2
 TISSUE_COLORS = {**{k: LABEL_COLORS["NCR/NET"] for k in ("NCR/NET", "NETC", "non-enhancing tumour")},
                  **{k: LABEL_COLORS["ED"] for k in ("ED", "SNFH", "edema")},
                  **{k: LABEL_COLORS["ET"] for k in ("ET", "enhancing tumour", "GTV")},
                  "RC": (0.30, 0.55, 1.00), "CC": (1.00, 0.55, 0.10)}   # cavity blue, cyst orange
 
 def label_colours(convention="brats2017"):
-    "(value, name, colour) of each label of `convention`: tumour core red, edema green, enhancing yellow (whatever their numbers)."
+    ("(value, name, colour) of each label of `convention`: tumour core red, edema green, enhancing yellow "
+     "(whatever their numbers).")
     return [(v, n, TISSUE_COLORS[n]) for v, n in sorted(get_convention(convention).labels.items())]
 
 def overlay_rgb(gray, label=None, convention="brats2017", alpha=0.45):
@@ -418,7 +465,8 @@ def overlay_rgb(gray, label=None, convention="brats2017", alpha=0.45):
 
 # %% ../nbs/00_data.ipynb #30abd262
 def pick_modality(case, modality="flair"):
-    "`modality` if the case has it; for the default (FLAIR) on a case without it (MEN-RT: T1c only), the case's last one."
+    ("`modality` if the case has it; for the default (FLAIR) on a case without it (MEN-RT: T1c only), "
+     "the case's last one.")
     if modality in case.modalities: return modality
     if modality == "flair": return case.modalities[-1]
     raise BratsError(f"modality {modality!r}: case {case.name!r} has {', '.join(case.modalities)}")
@@ -428,6 +476,7 @@ def tumour_centre(case):
         return [int(np.round(np.mean(ix))) for ix in np.nonzero(case.label > 0)]
     return [s // 2 for s in case.shape]
 
+# %% ../nbs/00_data.ipynb #be7b248e
 def show_case(case, axis="axial", index=None, overlay=True, figsize=(13, 3.6)):
     "Static figure: one slice of each modality, and of the labels over FLAIR (the widget's fallback)."
     import matplotlib.pyplot as plt
@@ -438,11 +487,14 @@ def show_case(case, axis="axial", index=None, overlay=True, figsize=(13, 3.6)):
     n = 5 if (overlay and case.label is not None) else 4
     fig, axs = plt.subplots(1, n, figsize=figsize)
     for c in range(4):
-        axs[c].imshow(take_slice(win[c], ax_i, index), cmap="gray", vmin=0, vmax=1); axs[c].set_title(case.modalities[c])
+        axs[c].imshow(take_slice(win[c], ax_i, index), cmap="gray", vmin=0, vmax=1)
+        axs[c].set_title(case.modalities[c])
     if n == 5:
-        axs[4].imshow(overlay_rgb(take_slice(win[3], ax_i, index), take_slice(case.label, ax_i, index), case.label_convention))
+        axs[4].imshow(overlay_rgb(take_slice(win[3], ax_i, index), take_slice(case.label, ax_i, index),
+                                  case.label_convention))
         axs[4].set_title("labels over flair")
-        axs[4].legend(handles=[Patch(color=c, label=k) for k, c in LABEL_COLORS.items()], fontsize=7, loc="lower right")
+        axs[4].legend(handles=[Patch(color=c, label=k) for k, c in LABEL_COLORS.items()], fontsize=7,
+                      loc="lower right")
     for a in axs: a.axis("off")
     fig.suptitle(f"{case.name}: {axis if isinstance(axis, str) else 'axis ' + str(axis)} slice {index}")
     fig.tight_layout()
@@ -454,26 +506,31 @@ def png_bytes(rgb, scale=2):
     from PIL import Image
     a = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
     if scale > 1: a = a.repeat(scale, 0).repeat(scale, 1)
-    buf = io.BytesIO(); Image.fromarray(a).save(buf, format="PNG", compress_level=1)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
+# %% ../nbs/00_data.ipynb #2e05080b
 def slice_controls(case, axis, redraw):
     """The axis dropdown and slice slider that every viewer shares. The slider starts at the tumour's centre;
     a new axis resets its range and centre. Both call `redraw()` when they change (once per change)."""
     import ipywidgets as W
     centre = tumour_centre(case)
     ax_dd = W.Dropdown(options=list(AXES), value=axis, description="axis")
-    sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice", continuous_update=True)
+    sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice",
+                     continuous_update=True)
 
     def on_axis(change):
         a = AXES[change["new"]]
         sl.unobserve(on_slice, "value")        # one redraw for the new axis, not one per trait
-        sl.max = case.shape[a] - 1; sl.value = centre[a]
+        sl.max = case.shape[a] - 1
+        sl.value = centre[a]
         sl.observe(on_slice, "value")
         redraw()
 
     def on_slice(_): redraw()
-    ax_dd.observe(on_axis, "value"); sl.observe(on_slice, "value")
+    ax_dd.observe(on_axis, "value")
+    sl.observe(on_slice, "value")
     return ax_dd, sl
 
 # %% ../nbs/00_data.ipynb #515c7626
@@ -506,10 +563,12 @@ def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
     return box
 
 # %% ../nbs/00_data.ipynb #d2c5d4ad
-ERROR_COLORS = {"TP": (0.95, 0.95, 0.95), "FP": (1.00, 0.10, 0.90), "FN": (0.00, 0.85, 1.00)}   # none of the label colours
+# none of the label colours
+ERROR_COLORS = {"TP": (0.95, 0.95, 0.95), "FP": (1.00, 0.10, 0.90), "FN": (0.00, 0.85, 1.00)}
 
 def nifti_bytes(array, affine):
-    "`array` as the bytes of a gzipped NIfTI-1 file with `affine`, made in memory (uint8 and float32 kept as they are)."
+    ("`array` as the bytes of a gzipped NIfTI-1 file with `affine`, made in memory "
+     "(uint8 and float32 kept as they are).")
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
     img.header.set_xyzt_units("mm")
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
@@ -521,11 +580,13 @@ def wt_disagreement(label, prediction):
     out[g & p], out[~g & p], out[g & ~p] = 1, 2, 3
     return out
 
+# %% ../nbs/00_data.ipynb #e4d5aefe
 def _lut(items):
     "A NiiVue label colour table from [(name, value, (r, g, b) in 0..1)]; value 0 transparent."
     items = [("background", 0, (0, 0, 0))] + list(items)
     rgb = [[int(round(255 * v)) for v in c] for _, _, c in items]
-    return {"R": [c[0] for c in rgb], "G": [c[1] for c in rgb], "B": [c[2] for c in rgb], "A": [0] + [255] * (len(items) - 1),
+    return {"R": [c[0] for c in rgb], "G": [c[1] for c in rgb], "B": [c[2] for c in rgb],
+            "A": [0] + [255] * (len(items) - 1),
             "I": [v for _, v, _ in items], "labels": [n for n, _, _ in items]}
 
 def label_lut(convention="brats2017"):
@@ -533,9 +594,11 @@ def label_lut(convention="brats2017"):
     return _lut([(n, v, c) for v, n, c in label_colours(convention)])
 
 def _crosshair(vox, affine, shape):
-    "NiiVue's crosshair position (fractions of the volume resliced to RAS) of voxel `vox`; exact for axis-aligned affines."
+    ("NiiVue's crosshair position (fractions of the volume resliced to RAS) of voxel `vox`; "
+     "exact for axis-aligned affines.")
     affine = np.asarray(affine, float)
-    corners = np.array([[a, b, c, 1] for a in (-.5, shape[0] - .5) for b in (-.5, shape[1] - .5) for c in (-.5, shape[2] - .5)])
+    corners = np.array([[a, b, c, 1] for a in (-.5, shape[0] - .5) for b in (-.5, shape[1] - .5)
+                        for c in (-.5, shape[2] - .5)])
     mm = (affine @ corners.T)[:3]
     lo, hi = mm.min(1), mm.max(1)
     return [float(np.clip(v, 0, 1)) for v in ((affine @ np.r_[np.asarray(vox, float), 1.0])[:3] - lo) / (hi - lo)]
@@ -570,6 +633,7 @@ def _viewer_class():
             if added: self.nv.volumes = [*self.nv.volumes, *added]
     return VolumeViewer
 
+# %% ../nbs/00_data.ipynb #e5699329
 def _overlay_maker(viewer, name, array):
     "How an overlay is sent: a binary mask in one colour (cyan), a map scaled to 8 bits under a hot colour map."
     a = np.asarray(array)
@@ -581,23 +645,20 @@ def _overlay_maker(viewer, name, array):
     return lambda: viewer._volume(name, scaled, colormap="hot", cal_min=51, cal_max=255, colorbar_visible=False,
                                   colormap_type=ColormapType.ZERO_TO_MAX_TRANSLUCENT_BELOW_MIN)
 
-def volume_viewer(case, prediction=None, overlays=None, modality="flair", height=420, margin=2):
-    """Widget: NiiVue's axial, coronal and sagittal planes linked by a crosshair (opened on the tumour centre) and a 3D
-    rendering of `case`, cut to its brain. Beside it the modality, one checkbox per overlay (ground truth, `prediction`,
-    their WT disagreement TP/FP/FN, and each entry of `overlays`: {name: (X, Y, Z) mask or map}) and their opacity."""
+# %% ../nbs/00_data.ipynb #3d5e0934
+def _cut_to_brain(case, margin):
+    "The brain's box in `case` (the whole volume when it finds none), the affine of the cut volume and its shape."
+    box = bbox(brain_mask(case.image), margin) or tuple(slice(0, n) for n in case.shape)
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start for s in box]
+    affine = np.asarray(case.affine, float) @ shift                         # the cut volume stays in world space
+    return box, affine, tuple(s.stop - s.start for s in box)
+
+def _niivue_planes(case, box, affine, small, height):
+    "A NiiVue widget: the three planes and a 3D rendering of the cut volume, the crosshair on the tumour centre."
     import ipywidgets as W
     import ipyniivue
     from ipyniivue import MultiplanarType, ShowRender, SliceType
-    if not isinstance(case, Case): case = load_case(case)
-    modality = pick_modality(case, modality)
-    overlays = dict(overlays or {})
-    for name, arr in [("prediction", prediction), *overlays.items()]:
-        if arr is not None and np.shape(arr) != case.shape:
-            raise BratsError(f"{name}: shape {np.shape(arr)} differs from case {case.name!r} {case.shape}")
-    box = bbox(brain_mask(case.image), margin) or tuple(slice(0, n) for n in case.shape)
-    shift = np.eye(4); shift[:3, 3] = [s.start for s in box]
-    affine = np.asarray(case.affine, float) @ shift                         # the cut volume stays in world space
-    small = tuple(s.stop - s.start for s in box)
     nv = ipyniivue.NiiVue(height=height, slice_type=SliceType.MULTIPLANAR, multiplanar_show_render=ShowRender.ALWAYS,
                           multiplanar_layout=MultiplanarType.GRID, show_3d_crosshair=True, is_colorbar=False,
                           show_legend=False, back_color=(0, 0, 0, 1), drag_and_drop_enabled=False,
@@ -605,34 +666,73 @@ def volume_viewer(case, prediction=None, overlays=None, modality="flair", height
     nv.layout = W.Layout(flex="1 1 auto", width="auto", min_width="320px")
     centre = [c - s.start for c, s in zip(tumour_centre(case), box)]
     nv.scene.crosshair_pos = _crosshair(centre, affine, small)
-    style = {"description_width": "initial"}
-    controls = {"modality": W.Dropdown(options=list(case.modalities), value=modality, description="modality", style=style,
-                                       layout=W.Layout(width="200px"))}
-    viewer = _viewer_class()()
-    viewer.case, viewer.affine, viewer.box, viewer.nv, viewer.controls = case, affine, box, nv, controls
-    viewer.volumes, viewer.bytes_sent, viewer._makers = {}, 0, {}
+    return nv
+
+# %% ../nbs/00_data.ipynb #9df44f3e
+def _overlay_makers(viewer, case, prediction, overlays):
+    "Fill and return `viewer._makers`: for each overlay by name, the function that sends it to the browser."
     lut, makers = label_lut(case.label_convention), viewer._makers
-    if case.label is not None: makers["ground truth"] = lambda: viewer._volume("ground truth", case.label.astype(np.uint8), colormap_label=lut)
+    if case.label is not None:
+        makers["ground truth"] = lambda: viewer._volume("ground truth", case.label.astype(np.uint8),
+                                                        colormap_label=lut)
     if prediction is not None:
         pred = np.asarray(prediction).astype(np.uint8)
         makers["prediction"] = lambda: viewer._volume("prediction", pred, colormap_label=lut)
         if case.label is not None:
-            makers["WT errors"] = lambda: viewer._volume("WT errors", wt_disagreement(case.label, pred),
-                                                         colormap_label=_lut([(k, i + 1, ERROR_COLORS[k]) for i, k in enumerate(ERROR_COLORS)]))
+            makers["WT errors"] = lambda: viewer._volume(
+                "WT errors", wt_disagreement(case.label, pred),
+                colormap_label=_lut([(k, i + 1, ERROR_COLORS[k]) for i, k in enumerate(ERROR_COLORS)]))
     for name, arr in overlays.items(): makers[name] = _overlay_maker(viewer, name, arr)
+    return makers
+
+# %% ../nbs/00_data.ipynb #b42e50f1
+def _viewer_controls(case, modality, makers):
+    "The viewer's controls by name: 'modality', one checkbox per overlay of `makers`, 'opacity'."
+    import ipywidgets as W
+    style = {"description_width": "initial"}
+    controls = {"modality": W.Dropdown(options=list(case.modalities), value=modality, description="modality",
+                                       style=style, layout=W.Layout(width="200px"))}
     for name in makers:
-        controls[name] = W.Checkbox(value=name == "ground truth", description=name, indent=False, layout=W.Layout(width="auto"))
-    controls["opacity"] = W.FloatSlider(value=0.6, min=0, max=1, step=0.05, description="overlay opacity", style=style,
-                                        layout=W.Layout(width="260px"))
-    sw = lambda c, t: (f"<span style='display:inline-block;width:10px;height:10px;margin-right:3px;border:1px solid #888;"
+        controls[name] = W.Checkbox(value=name == "ground truth", description=name, indent=False,
+                                    layout=W.Layout(width="auto"))
+    controls["opacity"] = W.FloatSlider(value=0.6, min=0, max=1, step=0.05, description="overlay opacity",
+                                        style=style, layout=W.Layout(width="260px"))
+    return controls
+
+def _viewer_panel(case, small, controls, makers):
+    "The column beside the planes: the case's name and box, the `controls`, and a legend of the colours."
+    import ipywidgets as W
+    sw = lambda c, t: ("<span style='display:inline-block;width:10px;height:10px;margin-right:3px;"
+                       "border:1px solid #888;"
                        f"background:rgb({','.join(str(int(255 * v)) for v in c)})'></span>{t}&nbsp; ")
     legend = "labels: " + "".join(sw(c, f"{n} ({v})") for v, n, c in label_colours(case.label_convention))
     if "WT errors" in makers: legend += "<br>WT errors: " + "".join(sw(c, k) for k, c in ERROR_COLORS.items())
-    panel = W.VBox([W.HTML(f"<b>{case.name}</b> · {small[0]}×{small[1]}×{small[2]} (brain box)"), *controls.values(),
-                    W.HTML(f"<div style='font-size:12px;line-height:1.6'>{legend}</div>")],
-                   layout=W.Layout(flex="0 0 280px", padding="0 0 0 8px"))
+    return W.VBox([W.HTML(f"<b>{case.name}</b> · {small[0]}×{small[1]}×{small[2]} (brain box)"), *controls.values(),
+                   W.HTML(f"<div style='font-size:12px;line-height:1.6'>{legend}</div>")],
+                  layout=W.Layout(flex="0 0 280px", padding="0 0 0 8px"))
+
+# %% ../nbs/00_data.ipynb #d6628c2f
+def volume_viewer(case, prediction=None, overlays=None, modality="flair", height=420, margin=2):
+    """Widget: NiiVue's axial, coronal and sagittal planes linked by a crosshair (opened on the tumour centre) and a 3D
+    rendering of `case`, cut to its brain. Beside it the modality, one checkbox per overlay (ground truth, `prediction`,
+    their WT disagreement TP/FP/FN, and each entry of `overlays`: {name: (X, Y, Z) mask or map}) and their opacity."""
+    import ipywidgets as W
+    if not isinstance(case, Case): case = load_case(case)
+    modality = pick_modality(case, modality)
+    overlays = dict(overlays or {})
+    for name, arr in [("prediction", prediction), *overlays.items()]:
+        if arr is not None and np.shape(arr) != case.shape:
+            raise BratsError(f"{name}: shape {np.shape(arr)} differs from case {case.name!r} {case.shape}")
+    box, affine, small = _cut_to_brain(case, margin)
+    nv = _niivue_planes(case, box, affine, small, height)
+    viewer = _viewer_class()()
+    viewer.case, viewer.affine, viewer.box, viewer.nv = case, affine, box, nv
+    viewer.volumes, viewer.bytes_sent, viewer._makers = {}, 0, {}
+    makers = _overlay_makers(viewer, case, prediction, overlays)
+    viewer.controls = controls = _viewer_controls(case, modality, makers)
+    panel = _viewer_panel(case, small, controls, makers)
     viewer.children, viewer.layout = [nv, panel], W.Layout(width="100%", align_items="flex-start")
-    image = (np.moveaxis(windowed(case.image), 0, -1) * 255).round().astype(np.uint8)       # (X, Y, Z, modality), 8 bits
+    image = (np.moveaxis(windowed(case.image), 0, -1) * 255).round().astype(np.uint8)  # (X, Y, Z, modality), 8 bits
     nv.volumes = [viewer._volume("image", image, colormap="gray", frame_4d=case.modalities.index(modality),
                                  cal_min=0, cal_max=255, colorbar_visible=False)]
     controls["modality"].observe(viewer._on_modality, "value")
@@ -654,10 +754,13 @@ def show_volume(case, prediction=None, modality="flair", alpha=0.45, figsize=(12
     fig, axs = plt.subplots(1, 3, figsize=figsize)
     for ax, (name, a) in zip(axs, (("axial", 2), ("coronal", 1), ("sagittal", 0))):
         lab = take_slice(case.label, a, c[a]) if case.label is not None else None
-        ax.imshow(np.rot90(overlay_rgb(take_slice(gray, a, c[a]), lab, case.label_convention, alpha)), interpolation="nearest")
+        ax.imshow(np.rot90(overlay_rgb(take_slice(gray, a, c[a]), lab, case.label_convention, alpha)),
+                  interpolation="nearest")
         if prediction is not None:
-            ax.contour(np.rot90(take_slice(np.asarray(prediction) > 0, a, c[a])), levels=[0.5], colors=["magenta"], linewidths=1)
-        ax.set_title(f"{name} {c[a]}"); ax.axis("off")
+            ax.contour(np.rot90(take_slice(np.asarray(prediction) > 0, a, c[a])), levels=[0.5], colors=["magenta"],
+                       linewidths=1)
+        ax.set_title(f"{name} {c[a]}")
+        ax.axis("off")
     handles = [Patch(color=col, label=k) for k, col in LABEL_COLORS.items()]
     if prediction is not None: handles.append(Line2D([0], [0], color="magenta", label="prediction (WT)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
@@ -668,11 +771,13 @@ def show_volume(case, prediction=None, modality="flair", alpha=0.45, figsize=(12
 # %% ../nbs/00_data.ipynb #2e7a919a
 def save_nifti(array, path, affine, header=None, dtype=None):
     "Write `array` as NIfTI at `path` atomically (temporary file in the same folder, then rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
     hdr = None
     if header is not None:
-        hdr = header.copy(); hdr.set_data_dtype(array.dtype)
+        hdr = header.copy()
+        hdr.set_data_dtype(array.dtype)
     img = nib.Nifti1Image(array, affine, hdr)
     if header is not None: img.header.set_xyzt_units(*header.get_xyzt_units())
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
@@ -681,7 +786,8 @@ def save_nifti(array, path, affine, header=None, dtype=None):
 
 # %% ../nbs/00_data.ipynb #00583c5a
 def resample_factors(spacing, target=2.0):
-    "Whole factors per axis from voxel `spacing` (mm) to about `target` mm (1 where the spacing is already that coarse)."
+    ("Whole factors per axis from voxel `spacing` (mm) to about `target` mm "
+     "(1 where the spacing is already that coarse).")
     return tuple(max(1, int(round(target / float(s)))) for s in spacing)
 
 def downsample_arrays(image, label=None, factors=(2, 2, 2), n_classes=None):
@@ -698,13 +804,16 @@ def downsample_arrays(image, label=None, factors=(2, 2, 2), n_classes=None):
 
 # %% ../nbs/00_data.ipynb #d987645d
 def brain_box(image, margin=4):
-    "Slices of the brain's bounding box (where any modality is non-zero), grown by `margin` voxels; the whole volume if empty."
+    ("Slices of the brain's bounding box (where any modality is non-zero), grown by `margin` voxels; "
+     "the whole volume if empty.")
     return bbox(brain_mask(image), margin) or tuple(slice(0, n) for n in np.shape(image)[1:])
 
 def downsampled_affine(affine, box, factors, small_shape, big_shape):
     "The affine of a volume cut to `box` and resampled from `big_shape` to `small_shape` (voxel centres of the blocks)."
     scale = np.array([b / s for b, s in zip(big_shape, small_shape)], float)
-    m = np.eye(4); m[:3, :3] = np.diag(scale); m[:3, 3] = [sl.start + (sc - 1) / 2 for sl, sc in zip(box, scale)]
+    m = np.eye(4)
+    m[:3, :3] = np.diag(scale)
+    m[:3, 3] = [sl.start + (sc - 1) / 2 for sl, sc in zip(box, scale)]
     return np.asarray(affine, float) @ m
 
 def whole_blocks(box, factors, shape):
@@ -716,6 +825,7 @@ def whole_blocks(box, factors, shape):
         out.append(slice(a, b))
     return tuple(out)
 
+# %% ../nbs/00_data.ipynb #c3097d03
 def downsample_case(case, target=2.0, margin=4):
     "A reduced-resolution `Case` of `case`: cut to the brain (plus `margin`), resampled to about `target` mm."
     if not isinstance(case, Case): case = load_case(case)
@@ -737,24 +847,30 @@ def write_case_folder(case, root, naming=None):
     d = Path(root) / case.name
     for i, m in enumerate(case.modalities):
         save_nifti(case.image[i], d / f"{case.name}{sep}{keys[m]}.nii.gz", case.affine, case.header, np.float32)
-    if case.label is not None: save_nifti(case.label, d / f"{case.name}{sep}{keys['seg']}.nii.gz", case.affine, case.header, np.uint8)
+    if case.label is not None:
+        save_nifti(case.label, d / f"{case.name}{sep}{keys['seg']}.nii.gz", case.affine, case.header, np.uint8)
     return d
 
 def downsample_folder(data_dir, out_dir, target=2.0, margin=4, log=print):
-    "Write a reduced-resolution copy of every case of `data_dir` into `out_dir` (same names and layout); returns the folders."
+    ("Write a reduced-resolution copy of every case of `data_dir` into `out_dir` (same names and layout); "
+     "returns the folders.")
     out = []
     for c in find_cases(data_dir):
         small = downsample_case(c, target, margin)
         out.append(write_case_folder(small, out_dir))
-        if log: log(f"{small.name}: {'x'.join(map(str, small.shape))} at {'x'.join(f'{s:.1f}' for s in small.spacing)} mm")
+        if log:
+            log(f"{small.name}: {'x'.join(map(str, small.shape))} at "
+                f"{'x'.join(f'{s:.1f}' for s in small.spacing)} mm")
     return out
 
+# %% ../nbs/00_data.ipynb #4878f963
 def add_cli(sub):
     "Register `brats-nb downsample`."
     p = sub.add_parser("downsample", help="write a reduced-resolution copy of a BraTS folder (cut to the brain, ~2 mm)",
-                       description="Cut every case of DATA_DIR to its brain and resample it to about --spacing mm; writes the same "
-                                   "layout under --out, ready for training on a CPU.")
-    p.add_argument("data_dir", metavar="DATA_DIR"); p.add_argument("--out", required=True, help="output folder")
+                       description="Cut every case of DATA_DIR to its brain and resample it to about --spacing mm; "
+                                   "writes the same layout under --out, ready for training on a CPU.")
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--spacing", type=float, default=2.0, help="target voxel size in mm (default 2)")
     p.add_argument("--margin", type=int, default=4, help="voxels kept around the brain (default 4)")
     def run(a):

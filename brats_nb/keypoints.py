@@ -18,7 +18,8 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from .core import BratsError, bbox, pick_device
-from .data import (REGIONS, Case, find_cases, load_case, labels_to_regions, take_slice, windowed, png_bytes, AXES)
+from .data import (REGIONS, Case, find_cases, load_case, labels_to_regions, take_slice, windowed, png_bytes,
+                           AXES)
 from .synth import samples_dir
 
 # %% auto #0
@@ -58,6 +59,29 @@ def _rep(counts, device):
     start = torch.cumsum(counts, 0) - counts
     return g, torch.arange(len(g), device=device) - start[g]
 
+# %% ../nbs/05_keypoints.ipynb #7a695f74
+def _shadow_edges(T):
+    "Per triangle (F, 3, 3): its three shadow edges p -> q as half-planes A*y + B(x) >= 0, B(x) = E - D*x; (A, D, E)."
+    p, q = T[:, :, :2], T[:, [1, 2, 0], :2]
+    o = torch.sign((T[:, 1, 0] - T[:, 0, 0]) * (T[:, 2, 1] - T[:, 0, 1])
+                   - (T[:, 1, 1] - T[:, 0, 1]) * (T[:, 2, 0] - T[:, 0, 0]))[:, None]
+    A = o * (q[..., 0] - p[..., 0])
+    D = o * (q[..., 1] - p[..., 1])
+    E = -o * ((q[..., 0] - p[..., 0]) * p[..., 1] - (q[..., 1] - p[..., 1]) * p[..., 0])
+    return A, D, E
+
+def _row_spans(A, B):
+    "Per row (rows, 3 half-planes): the first y inside all three and how many ys are (0: none)."
+    safe = torch.where(A == 0, 1, A)
+    big = 1 << 40
+    lo_b = torch.where(A > 0, -_fdiv(B, safe), -big)          # y >= ceil(-B/A) where A > 0
+    hi_b = torch.where(A < 0, _fdiv(-B, safe), big)           # y <= floor(-B/A) where A < 0
+    ylo = torch.maximum(torch.maximum(lo_b[:, 0], lo_b[:, 1]), lo_b[:, 2])
+    yhi = torch.minimum(torch.minimum(hi_b[:, 0], hi_b[:, 1]), hi_b[:, 2])
+    m = (A == 0) & (B < 0)
+    miss = m[:, 0] | m[:, 1] | m[:, 2]                       # an edge parallel to y excludes the row
+    return ylo, torch.where(miss, 0, (yhi - ylo + 1).clamp_min(0))
+
 # %% ../nbs/05_keypoints.ipynb #1525ae98
 def column_intervals(tris, normals, cand, n_cand, shape2, device="cpu"):
     """Exact z-range of the filled hulls in every column of an `shape2` = (X, Y) grid.
@@ -72,28 +96,14 @@ def column_intervals(tris, normals, cand, n_cand, shape2, device="cpu"):
         sel = normals[:, 2] > 0 if up else normals[:, 2] < 0  # vertical triangles (nz = 0) cast no shadow
         if not bool(sel.any()): continue
         T, N, C = tris[sel], normals[sel], cand[sel]
-        # per triangle: its three shadow edges p -> q as half-planes A*y + B(x) >= 0, B(x) = E - D*x
-        p, q = T[:, :, :2], T[:, [1, 2, 0], :2]
-        o = torch.sign((T[:, 1, 0] - T[:, 0, 0]) * (T[:, 2, 1] - T[:, 0, 1])
-                       - (T[:, 1, 1] - T[:, 0, 1]) * (T[:, 2, 0] - T[:, 0, 0]))[:, None]
-        A = o * (q[..., 0] - p[..., 0])
-        D = o * (q[..., 1] - p[..., 1])
-        E = -o * ((q[..., 0] - p[..., 0]) * p[..., 1] - (q[..., 1] - p[..., 1]) * p[..., 0])
+        A, D, E = _shadow_edges(T)
         # rows: one per triangle and x in its shadow's x-range
         x0 = torch.minimum(torch.minimum(T[:, 0, 0], T[:, 1, 0]), T[:, 2, 0])
         x1 = torch.maximum(torch.maximum(T[:, 0, 0], T[:, 1, 0]), T[:, 2, 0])
         tid, k = _rep(x1 - x0 + 1, device)
         x = x0[tid] + k
         A, B = A[tid], E[tid] - D[tid] * x[:, None]            # (rows, 3)
-        safe = torch.where(A == 0, 1, A)
-        big = 1 << 40
-        lo_b = torch.where(A > 0, -_fdiv(B, safe), -big)          # y >= ceil(-B/A) where A > 0
-        hi_b = torch.where(A < 0, _fdiv(-B, safe), big)           # y <= floor(-B/A) where A < 0
-        ylo = torch.maximum(torch.maximum(lo_b[:, 0], lo_b[:, 1]), lo_b[:, 2])
-        yhi = torch.minimum(torch.minimum(hi_b[:, 0], hi_b[:, 1]), hi_b[:, 2])
-        m = (A == 0) & (B < 0)
-        miss = m[:, 0] | m[:, 1] | m[:, 2]                       # an edge parallel to y excludes the row
-        span = torch.where(miss, 0, (yhi - ylo + 1).clamp_min(0))
+        ylo, span = _row_spans(A, B)
         # the plane nz*z <= -d - nx*x - ny*y along each row, from its first lattice point
         nx, ny, nz = N[tid, 0], N[tid, 1], N[tid, 2]
         num0 = (N[tid] * T[tid, 0]).sum(1) - nx * x - ny * ylo
@@ -109,14 +119,17 @@ def _default_device(device=None):
     return pick_device("auto" if device is None else device)
 
 def fill_hull(points, shape, device=None) -> np.ndarray:
-    "The filled convex hull of integer points (N, 3) on a grid of `shape`, as a bool volume (exact). A set with no 3D hull gives its own voxels."
+    ("The filled convex hull of integer points (N, 3) on a grid of `shape`, as a bool volume (exact). "
+     "A set with no 3D hull gives its own voxels.")
     pts = np.asarray(points, np.int64).reshape(-1, 3)
     out = np.zeros(shape, bool)
     if len(pts) == 0: return out
-    if pts.min() < 0 or (pts >= np.asarray(shape)).any(): raise BratsError(f"fill_hull: points outside the grid {tuple(shape)}")
+    if pts.min() < 0 or (pts >= np.asarray(shape)).any():
+        raise BratsError(f"fill_hull: points outside the grid {tuple(shape)}")
     th = hull_triangles(pts)
     if th is None:
-        out[tuple(pts.T)] = True; return out
+        out[tuple(pts.T)] = True
+        return out
     dev = _default_device(device)
     zmin, zmax = column_intervals(*th, np.zeros(len(th[0]), np.int64), 1, shape[:2], dev)
     z = torch.arange(shape[2], device=dev)
@@ -125,14 +138,17 @@ def fill_hull(points, shape, device=None) -> np.ndarray:
 
 # %% ../nbs/05_keypoints.ipynb #47936b83
 def fill_hull_bruteforce(points, shape, eps=1e-9) -> np.ndarray:
-    "Reference fill: every voxel of the grid tested against every facet plane of the hull (slow; for tests and benchmarks)."
+    ("Reference fill: every voxel of the grid tested against every facet plane of the hull "
+     "(slow; for tests and benchmarks).")
     pts = np.asarray(points, np.int64).reshape(-1, 3)
     out = np.zeros(shape, bool)
     if len(pts) == 0: return out
     if len(pts) < 4 or np.linalg.matrix_rank(pts[1:] - pts[0]) < 3:
-        out[tuple(pts.T)] = True; return out
+        out[tuple(pts.T)] = True
+        return out
     eq = ConvexHull(pts).equations                           # (F, 4): unit outward normal u, offset e
-    yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2).astype(np.float64)
+    yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1)
+    yz = yz.reshape(-1, 2).astype(np.float64)
     plane_yz = yz @ eq[:, 1:3].T                             # (Y*Z, F), the same for every x
     for x in range(shape[0]):                                # one x-slab at a time: u.x + e <= eps for all facets
         out[x] = ((plane_yz + (eq[:, 0] * x + eq[:, 3])) <= eps).all(1).reshape(shape[1:])
@@ -149,7 +165,9 @@ class _one_thread:
     "On the CPU, run torch on one thread for a while: these tensors are small, and threads only add overhead."
     def __init__(self, dev): self.cpu = dev.type == "cpu"
     def __enter__(self):
-        if self.cpu: self.n = torch.get_num_threads(); torch.set_num_threads(1)
+        if self.cpu:
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
     def __exit__(self, *exc):
         if self.cpu: torch.set_num_threads(self.n)
 
@@ -159,7 +177,8 @@ def _score_candidates(region, point_sets, dev):
     ious = np.zeros(len(point_sets))
     if nreg == 0 or len(point_sets) == 0: return ious
     ix = np.nonzero(region)
-    lo = np.array([i.min() for i in ix]); hi = np.array([i.max() for i in ix]) + 1
+    lo = np.array([i.min() for i in ix])
+    hi = np.array([i.max() for i in ix]) + 1
     box = region[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     X, Y, Z = box.shape
     cum = torch.zeros((X * Y, Z + 1), dtype=torch.int64, device=dev)
@@ -171,7 +190,10 @@ def _score_candidates(region, point_sets, dev):
         if th is None:  # no hull: the points themselves (they lie in the region)
             ious[i] = _points_iou(p, region)
             continue
-        tris.append(th[0] - lo); nrms.append(th[1]); cand.append(np.full(len(th[0]), len(hulled))); hulled.append(i)
+        tris.append(th[0] - lo)
+        nrms.append(th[1])
+        cand.append(np.full(len(th[0]), len(hulled)))
+        hulled.append(i)
     if hulled:
         zmin, zmax = column_intervals(np.concatenate(tris), np.concatenate(nrms), np.concatenate(cand),
                                       len(hulled), (X, Y), dev)
@@ -184,7 +206,8 @@ def _score_candidates(region, point_sets, dev):
     return ious
 
 def _points_iou(p, region):
-    sel = np.zeros(region.shape, bool); sel[tuple(p.T)] = True
+    sel = np.zeros(region.shape, bool)
+    sel[tuple(p.T)] = True
     inter = int((sel & region).sum())
     return inter / (int(sel.sum()) + int(region.sum()) - inter)
 
@@ -228,7 +251,8 @@ class KeypointSettings:
     def __post_init__(self):
         n, radius = _per_region(self.n, "n"), _per_region(self.radius, "radius")
         if min(n) < 1 or self.t < 1 or min(radius) < 0:
-            raise BratsError(f"key point settings: need n >= 1, t >= 1, radius >= 0 (got n={n}, t={self.t}, radius={radius})")
+            raise BratsError(f"key point settings: need n >= 1, t >= 1, radius >= 0 "
+                             f"(got n={n}, t={self.t}, radius={radius})")
         object.__setattr__(self, "n", tuple(_number(v) for v in n))
         object.__setattr__(self, "radius", tuple(_number(v) for v in radius))
         object.__setattr__(self, "t", int(self.t))
@@ -238,6 +262,7 @@ class KeypointSettings:
         "The settings as written into key point sidecars and cache keys (with the algorithm's version)."
         return dict(n=list(self.n), t=self.t, radius=list(self.radius), seed=self.seed, version=ALGORITHM_VERSION)
 
+# %% ../nbs/05_keypoints.ipynb #34884533
 KEYPOINTS = KeypointSettings()   # the paper's
 
 def keypoint_settings(settings=None, **changes) -> KeypointSettings:
@@ -249,10 +274,13 @@ def keypoint_settings(settings=None, **changes) -> KeypointSettings:
 # %% ../nbs/05_keypoints.ipynb #52d105ac
 def select_region_keypoints(region, n=300, t=100, radius=2, seed=0, region_index=0, device=None) -> dict:
     """Key boundary points of one region: the best of `t` random sets of `n` boundary voxels by exact hull IoU.
-    Returns dict(points (k, 3), iou, history (IoU of each candidate), n_boundary, kind ('hull', 'points', 'empty'), map)."""
+    Returns dict(points (k, 3), iou, history (IoU of each candidate), n_boundary, kind ('hull', 'points', 'empty'),
+    map)."""
     region = np.asarray(region, bool)
     if region.ndim != 3: raise BratsError(f"select_region_keypoints: expected a 3D mask, got shape {region.shape}")
-    if n < 1 or t < 1 or radius < 0: raise BratsError(f"select_region_keypoints: need n >= 1, t >= 1, radius >= 0 (got n={n}, t={t}, radius={radius})")
+    if n < 1 or t < 1 or radius < 0:
+        raise BratsError(f"select_region_keypoints: need n >= 1, t >= 1, radius >= 0 "
+                         f"(got n={n}, t={t}, radius={radius})")
     box = bbox(region)
     if box is None:
         return dict(points=np.zeros((0, 3), np.int64), iou=1.0, history=np.zeros(0), n_boundary=0, kind="empty",
@@ -270,8 +298,10 @@ def select_region_keypoints(region, n=300, t=100, radius=2, seed=0, region_index
     history = ious if len(sets) == t else np.full(t, ious[0])
     pts = sets[best] + origin
     return dict(points=pts, iou=float(ious[best]), history=history, n_boundary=len(bv),
-                kind="hull" if hull_triangles(pts) is not None else "points", map=draw_balls(pts, region.shape, radius))
+                kind="hull" if hull_triangles(pts) is not None else "points",
+                map=draw_balls(pts, region.shape, radius))
 
+# %% ../nbs/05_keypoints.ipynb #571d65f4
 def _as_regions(label_or_regions, convention):
     if isinstance(label_or_regions, Case):
         c = label_or_regions
@@ -293,7 +323,8 @@ def select_keypoints(label_or_regions, settings: KeypointSettings | None = None,
     maps, info = np.zeros(regions.shape, np.uint8), {}
     for i, name in enumerate(REGIONS):
         r = select_region_keypoints(regions[i], kp.n[i], kp.t, kp.radius[i], kp.seed, i, device)
-        maps[i] = r.pop("map"); info[name] = r
+        maps[i] = r.pop("map")
+        info[name] = r
     return maps, info
 
 # %% ../nbs/05_keypoints.ipynb #1216b336
@@ -327,24 +358,31 @@ def show_keypoints(case, maps=None, info=None, axis="axial", index=None, figsize
     a1 = fig.add_subplot(1, 3, 1)
     a1.imshow(keypoint_overlay(take_slice(win[3], ax_i, index), [take_slice(r, ax_i, index) for r in regions],
                                [take_slice(m, ax_i, index) for m in maps]))
-    a1.set_title(f"{axis} slice {index}: key point maps"); a1.axis("off")
+    a1.set_title(f"{axis} slice {index}: key point maps")
+    a1.axis("off")
     a2 = fig.add_subplot(1, 3, 2, projection="3d")
     for name in REGIONS:
         p = info[name]["points"]
         if len(p): a2.scatter(*p.T, s=4, color=KP_COLORS[name], label=f"{name} ({len(p)})")
-    a2.legend(fontsize=7); a2.set_title("key points")
+    a2.legend(fontsize=7)
+    a2.set_title("key points")
     a3 = fig.add_subplot(1, 3, 3)
     for name in REGIONS:
         h = info[name]["history"]
         if len(h): a3.plot(np.arange(1, len(h) + 1), np.maximum.accumulate(h), color=KP_COLORS[name],
                            label=f"{name}: IoU {info[name]['iou']:.3f}")
-    a3.set_xlabel("candidates t"); a3.set_ylabel("best IoU so far"); a3.legend(fontsize=8); a3.set_title("best hull IoU")
-    fig.suptitle(case.name); fig.tight_layout()
+    a3.set_xlabel("candidates t")
+    a3.set_ylabel("best IoU so far")
+    a3.legend(fontsize=8)
+    a3.set_title("best hull IoU")
+    fig.suptitle(case.name)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/05_keypoints.ipynb #4ab51f20
 def select_region_reference(region, n=300, t=100, seed=0, region_index=0):
-    "The reference: the same draws as `select_region_keypoints`, each hull filled over the whole volume by brute force."
+    ("The reference: the same draws as `select_region_keypoints`, each hull filled over the whole volume "
+     "by brute force.")
     region = np.asarray(region, bool)
     bv = boundary_voxels(region)
     rng = np.random.default_rng([seed, region_index])
@@ -363,12 +401,35 @@ def _pin_one_core():
     os.sched_setaffinity(0, {min(old)})
     return old
 
+# %% ../nbs/05_keypoints.ipynb #70f5e17a
+def _bench_reference(case, regions, info, kp, ref_t):
+    "The reference on each region of `case`: its rows, and its seconds extrapolated to t and as measured."
+    ns, t, seed = kp.n, kp.t, kp.seed
+    rows, ref_total, ref_measured = [], 0.0, 0.0
+    for i, name in enumerate(REGIONS):
+        k = min(ref_t, t)
+        t0 = time.perf_counter()
+        ref = select_region_reference(regions[i], ns[i], k, seed, i)
+        dt = time.perf_counter() - t0
+        per = dt / max(len(ref), 1)
+        n_eval = len(info[name]["history"]) if info[name]["n_boundary"] > ns[i] else 1
+        ref_total += per * n_eval
+        ref_measured += dt
+        hist = info[name]["history"][:len(ref)]
+        same = float(np.abs(ref - hist).max()) if len(ref) else 0.0
+        rows.append(dict(case=case.name, shape="x".join(map(str, case.shape)), region=name,
+                         voxels=int(regions[i].sum()), boundary=info[name]["n_boundary"],
+                         iou_ours=info[name]["iou"], iou_ref_first=float(ref.max()) if len(ref) else float("nan"),
+                         iou_ours_first=float(hist.max()) if len(ref) else float("nan"),
+                         max_diff=same, ref_s_per_candidate=per))
+    return rows, ref_total, ref_measured
+
 # %% ../nbs/05_keypoints.ipynb #cd45e999
 def bench_keypoints(cases, settings=None, ref_t=3, repeat=3, pin=True, device="cpu", printer=print, **changes):
     "Time `select_keypoints` against the brute-force reference on each case; prints a table and returns its rows."
     old = _pin_one_core() if pin else None
     kp = keypoint_settings(settings, **changes)
-    ns, t, seed = kp.n, kp.t, kp.seed
+    ns, t = kp.n, kp.t
     rows = []
     try:
         for c in cases:
@@ -376,23 +437,12 @@ def bench_keypoints(cases, settings=None, ref_t=3, repeat=3, pin=True, device="c
             regions = labels_to_regions(case.label, case.label_convention)
             times = []
             for _ in range(repeat):
-                t0 = time.perf_counter(); maps, info = select_keypoints(regions, kp, device=device)
+                t0 = time.perf_counter()
+                maps, info = select_keypoints(regions, kp, device=device)
                 times.append(time.perf_counter() - t0)
             ours = statistics.median(times)
-            ref_total, ref_measured = 0.0, 0.0
-            for i, name in enumerate(REGIONS):
-                k = min(ref_t, t)
-                t0 = time.perf_counter(); ref = select_region_reference(regions[i], ns[i], k, seed, i)
-                dt = time.perf_counter() - t0
-                per = dt / max(len(ref), 1)
-                n_eval = len(info[name]["history"]) if info[name]["n_boundary"] > ns[i] else 1
-                ref_total += per * n_eval; ref_measured += dt
-                same = float(np.abs(ref - info[name]["history"][:len(ref)]).max()) if len(ref) else 0.0
-                rows.append(dict(case=case.name, shape="x".join(map(str, case.shape)), region=name,
-                                 voxels=int(regions[i].sum()), boundary=info[name]["n_boundary"],
-                                 iou_ours=info[name]["iou"], iou_ref_first=float(ref.max()) if len(ref) else float("nan"),
-                                 iou_ours_first=float(info[name]["history"][:len(ref)].max()) if len(ref) else float("nan"),
-                                 max_diff=same, ref_s_per_candidate=per))
+            region_rows, ref_total, ref_measured = _bench_reference(case, regions, info, kp, ref_t)
+            rows += region_rows
             rows.append(dict(case=case.name, shape="x".join(map(str, case.shape)), region="all", ours_s=ours,
                              ref_s=ref_total, ref_measured_s=ref_measured, speedup=ref_total / ours))
     finally:
@@ -411,8 +461,9 @@ def _print_bench(rows, ns, t, ref_t, printer=print):
             printer(f"{r['case']:<22}{'ALL':<7}  ours {r['ours_s']:.3f} s (median)   reference {r['ref_s']:.1f} s "
                     f"(extrapolated; measured {r['ref_measured_s']:.1f} s)   speed-up x{r['speedup']:.0f}")
         else:
-            printer(f"{r['case']:<22}{r['region']:<7}{r['voxels']:>8}{r['boundary']:>7}{r['ref_s_per_candidate']:>11.3f}"
-                    f"{r['iou_ours']:>12.4f}{r['iou_ours_first']:>16.4f}{r['iou_ref_first']:>15.4f}{r['max_diff']:>10.1e}")
+            printer(f"{r['case']:<22}{r['region']:<7}{r['voxels']:>8}{r['boundary']:>7}"
+                    f"{r['ref_s_per_candidate']:>11.3f}{r['iou_ours']:>12.4f}{r['iou_ours_first']:>16.4f}"
+                    f"{r['iou_ref_first']:>15.4f}{r['max_diff']:>10.1e}")
 
 # %% ../nbs/05_keypoints.ipynb #ca29e94b
 def _real_dir():
@@ -422,11 +473,14 @@ def _real_dir():
 def add_bench_cli(bsub):
     "Register `brats-nb bench keypoints`."
     p = bsub.add_parser("keypoints", help="key point selection: ours against the brute-force reference",
-                        description="Time the key point selection against a brute-force reference of the same algorithm "
-                                    "(the same draws), on the real BraTS case (when present) and the samples; one CPU core.")
-    p.add_argument("--data", action="append", default=None, help="case folder(s) or data folder(s) (default: the real case when present, and the samples)")
+                        description="Time the key point selection against a brute-force reference of the same "
+                                    "algorithm (the same draws), on the real BraTS case (when present) and the "
+                                    "samples; one CPU core.")
+    p.add_argument("--data", action="append", default=None,
+                   help="case folder(s) or data folder(s) (default: the real case when present, and the samples)")
     p.add_argument("--t", type=int, default=100)
-    p.add_argument("--ref-t", type=int, default=3, help="candidates per region the reference runs (time extrapolated to t)")
+    p.add_argument("--ref-t", type=int, default=3,
+                   help="candidates per region the reference runs (time extrapolated to t)")
     p.add_argument("--repeat", type=int, default=3, help="runs of ours (median)")
     p.add_argument("--samples", type=int, default=3, help="how many bundled samples (default 3)")
     p.add_argument("--quick", action="store_true", help="smoke run: one sample, n=(40,30,20), t=5, ref-t=1, one repeat")
@@ -457,31 +511,88 @@ def _surface(region, step=1):
     v, f, _, _ = marching_cubes(sub, 0.5, step_size=step)
     return v + np.array([b.start - 1 for b in box]), f
 
-# %% ../nbs/05_keypoints.ipynb #5dd10827
-def keypoint_viewer(case, region="WT", settings=None, axis="axial", scale=2, **changes):
-    "Widget: a region's surface and key points in 3D, the best IoU against t, and the key point map on a slice."
+# %% ../nbs/05_keypoints.ipynb #19c3af14
+def _kp_controls(kp, region, n_slices):
+    "The viewer's controls, opened on `kp` for `region`: region, n, t, R, seed, and the slice (of `n_slices`)."
     import ipywidgets as W
-    import plotly.graph_objects as go
-    kp = keypoint_settings(settings, **changes)     # the sliders start at these (the paper's by default)
-    if not isinstance(case, Case): case = load_case(case)
-    if case.label is None: raise BratsError(f"{case.name}: has no label map; key points come from the ground truth")
-    regions = labels_to_regions(case.label, case.label_convention)
-    win = windowed(case.image)
     ri = REGIONS.index(region)
     dd = W.Dropdown(options=list(REGIONS), value=region, description="region")
     ns = W.IntSlider(value=kp.n[ri], min=4, max=600, step=1, description="n", continuous_update=False)
     ts = W.IntSlider(value=kp.t, min=1, max=300, description="t", continuous_update=False)
     rs = W.IntSlider(value=kp.radius[ri], min=0, max=5, description="R", continuous_update=False)
     sd = W.IntText(value=kp.seed, description="seed", layout=W.Layout(width="160px"))
-    sl = W.IntSlider(value=0, min=0, max=case.shape[AXES[axis]] - 1, description="slice")
-    f3 = go.FigureWidget(layout=dict(width=520, height=420, margin=dict(l=0, r=0, t=30, b=0), title="surface and key points",
-                                     scene=dict(aspectmode="data")))
+    sl = W.IntSlider(value=0, min=0, max=n_slices - 1, description="slice")
+    return dd, ns, ts, rs, sd, sl
+
+def _kp_region_defaults(ns, rs, i, select):
+    "Set the n and R sliders to the paper's values for region `i`, with `select` unhooked meanwhile (no rerun)."
+    with ns.hold_trait_notifications(), rs.hold_trait_notifications():
+        ns.unobserve(select, "value")
+        rs.unobserve(select, "value")
+        ns.value, rs.value = KEYPOINTS.n[i], KEYPOINTS.radius[i]
+        ns.observe(select, "value")
+        rs.observe(select, "value")
+
+def _kp_layout(dd, ns, ts, rs, sd, sl, info, f3, fc, img):
+    "The viewer's box: the controls in two rows, the info line, then the 3D figure beside the curve and the slice."
+    import ipywidgets as W
+    box = W.VBox([W.HBox([dd, sd]), W.HBox([ns, ts, rs]), info,
+                  W.HBox([f3, W.VBox([fc, sl, img])], layout=W.Layout(flex_flow="row wrap"))])
+    box.controls = dict(region=dd, n=ns, t=ts, radius=rs, seed=sd, slice=sl)
+    return box
+
+# %% ../nbs/05_keypoints.ipynb #179f7a46
+def _kp_figures():
+    "The 3D figure (surface, key points) and the IoU curve (each candidate, best so far), empty."
+    import plotly.graph_objects as go
+    f3 = go.FigureWidget(layout=dict(width=520, height=420, margin=dict(l=0, r=0, t=30, b=0),
+                                     title="surface and key points", scene=dict(aspectmode="data")))
     f3.add_mesh3d(x=[], y=[], z=[], i=[], j=[], k=[], opacity=0.25, color="gray", name="surface")
     f3.add_scatter3d(x=[], y=[], z=[], mode="markers", marker=dict(size=3, color="crimson"), name="key points")
-    fc = go.FigureWidget(layout=dict(width=420, height=260, margin=dict(l=40, r=10, t=30, b=40), title="best IoU against t",
-                                     xaxis_title="candidate", yaxis_title="IoU"))
+    fc = go.FigureWidget(layout=dict(width=420, height=260, margin=dict(l=40, r=10, t=30, b=40),
+                                     title="best IoU against t", xaxis_title="candidate", yaxis_title="IoU"))
     fc.add_scatter(x=[], y=[], mode="markers", marker=dict(size=4, color="lightgray"), name="each candidate")
     fc.add_scatter(x=[], y=[], mode="lines", line=dict(color="crimson"), name="best so far")
+    return f3, fc
+
+def _kp_plot(f3, fc, name, r, v, f):
+    "Show the selection `r` of region `name` in the figures: the surface mesh (`v`, `f`), the points, the curve."
+    p = r["points"]
+    with f3.batch_update():
+        f3.data[0].update(x=v[:, 0], y=v[:, 1], z=v[:, 2], i=f[:, 0], j=f[:, 1], k=f[:, 2])
+        f3.data[1].update(x=p[:, 0], y=p[:, 1], z=p[:, 2])
+        f3.layout.title = f"{name}: {len(p)} key points, best hull IoU {r['iou']:.4f}"
+    h = r["history"]
+    x = np.arange(1, len(h) + 1)
+    with fc.batch_update():
+        fc.data[0].update(x=x, y=h)
+        fc.data[1].update(x=x, y=np.maximum.accumulate(h) if len(h) else h)
+
+def _kp_info(case, name, voxels, r, n, t, radius, seed):
+    "The line under the controls: the case, the region's size and boundary, the settings, the IoU and its kind."
+    return (f"<b>{case.name}</b> · {name}: {voxels} voxels, {r['n_boundary']} on the "
+            f"boundary · n={n}, t={t}, R={radius}, seed={seed} · "
+            f"<b>IoU {r['iou']:.4f}</b> ({r['kind']})")
+
+# %% ../nbs/05_keypoints.ipynb #13216aff
+def _kp_slice(win, regions, i, r, a, index):
+    "RGB of slice `index` along axis `a`: FLAIR, the outline of region `i` and its key point map from `r`."
+    region2d, map2d = take_slice(regions[i], a, index), take_slice(r["map"], a, index)   # one slice, never the volume
+    return keypoint_overlay(take_slice(win[3], a, index),
+                            [region2d if k == i else np.zeros_like(region2d) for k in range(3)],
+                            [map2d if k == i else np.zeros_like(map2d) for k in range(3)])
+
+# %% ../nbs/05_keypoints.ipynb #5dd10827
+def keypoint_viewer(case, region="WT", settings=None, axis="axial", scale=2, **changes):
+    "Widget: a region's surface and key points in 3D, the best IoU against t, and the key point map on a slice."
+    import ipywidgets as W
+    kp = keypoint_settings(settings, **changes)     # the sliders start at these (the paper's by default)
+    if not isinstance(case, Case): case = load_case(case)
+    if case.label is None: raise BratsError(f"{case.name}: has no label map; key points come from the ground truth")
+    regions = labels_to_regions(case.label, case.label_convention)
+    win = windowed(case.image)
+    dd, ns, ts, rs, sd, sl = _kp_controls(kp, region, case.shape[AXES[axis]])
+    f3, fc = _kp_figures()
     img = W.Image(format="png", layout=W.Layout(max_width="420px", width="100%"))
     info = W.HTML()
     state = {}
@@ -490,43 +601,24 @@ def keypoint_viewer(case, region="WT", settings=None, axis="axial", scale=2, **c
         i = REGIONS.index(dd.value)
         r = select_region_keypoints(regions[i], ns.value, ts.value, rs.value, sd.value, i)
         state.update(r=r, i=i)
-        v, f = _surface(regions[i], step=2 if regions[i].sum() > 20000 else 1)
-        p = r["points"]
-        with f3.batch_update():
-            f3.data[0].update(x=v[:, 0], y=v[:, 1], z=v[:, 2], i=f[:, 0], j=f[:, 1], k=f[:, 2])
-            f3.data[1].update(x=p[:, 0], y=p[:, 1], z=p[:, 2])
-            f3.layout.title = f"{dd.value}: {len(p)} key points, best hull IoU {r['iou']:.4f}"
-        h = r["history"]; x = np.arange(1, len(h) + 1)
-        with fc.batch_update():
-            fc.data[0].update(x=x, y=h); fc.data[1].update(x=x, y=np.maximum.accumulate(h) if len(h) else h)
+        _kp_plot(f3, fc, dd.value, r, *_surface(regions[i], step=2 if regions[i].sum() > 20000 else 1))
         if regions[i].any():  # the slice through the region's centre (not a cap, where points seem to lie inside)
-            a = AXES[axis]
-            sl.value = int(round(np.argwhere(regions[i])[:, a].mean()))
+            sl.value = int(round(np.argwhere(regions[i])[:, AXES[axis]].mean()))
         draw()
-        info.value = (f"<b>{case.name}</b> · {dd.value}: {int(regions[i].sum())} voxels, {r['n_boundary']} on the boundary · "
-                      f"n={ns.value}, t={ts.value}, R={rs.value}, seed={sd.value} · <b>IoU {r['iou']:.4f}</b> ({r['kind']})")
+        info.value = _kp_info(case, dd.value, int(regions[i].sum()), r, ns.value, ts.value, rs.value, sd.value)
 
     def draw(*_):
         if "r" not in state: return
-        a, i, r = AXES[axis], state["i"], state["r"]
-        region2d, map2d = take_slice(regions[i], a, sl.value), take_slice(r["map"], a, sl.value)   # one slice, never the volume
-        rgb = keypoint_overlay(take_slice(win[3], a, sl.value), [region2d if k == i else np.zeros_like(region2d) for k in range(3)],
-                               [map2d if k == i else np.zeros_like(map2d) for k in range(3)])
-        img.value = png_bytes(rgb, scale)
+        img.value = png_bytes(_kp_slice(win, regions, state["i"], state["r"], AXES[axis], sl.value), scale)
 
     def on_region(ch):
-        i = REGIONS.index(ch["new"])
-        with ns.hold_trait_notifications(), rs.hold_trait_notifications():
-            ns.unobserve(select, "value"); rs.unobserve(select, "value")
-            ns.value, rs.value = KEYPOINTS.n[i], KEYPOINTS.radius[i]
-            ns.observe(select, "value"); rs.observe(select, "value")
+        _kp_region_defaults(ns, rs, REGIONS.index(ch["new"]), select)
         select()
 
     dd.observe(on_region, "value")
     for w in (ns, ts, rs, sd): w.observe(select, "value")
     sl.observe(draw, "value")
     select()
-    box = W.VBox([W.HBox([dd, sd]), W.HBox([ns, ts, rs]), info, W.HBox([f3, W.VBox([fc, sl, img])], layout=W.Layout(flex_flow="row wrap"))])
-    box.controls = dict(region=dd, n=ns, t=ts, radius=rs, seed=sd, slice=sl)
+    box = _kp_layout(dd, ns, ts, rs, sd, sl, info, f3, fc, img)
     box.figure3d, box.curve, box.image, box.info, box.state, box.case = f3, fc, img, info, state, case
     return box
