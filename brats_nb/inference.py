@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, pick_device
+from .memory import CONTEXT_GIB, needed_gib, predict_peak
 from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case,
                            find_cases, normalize, labels_to_regions, classes_to_labels, save_nifti, overlay_rgb,
                            brain_mask, slice_controls, windowed, take_slice, png_bytes, tumour_centre, et_label,
@@ -23,10 +24,11 @@ from .metrics import dice, flat_metrics, load_prediction, region_metrics
 from .model import load_model, real_checkpoint
 
 # %% auto #0
-__all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'drop_coreless',
-           'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled', 'EvalProtocol', 'case_means',
-           'evaluate_cases', 'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer', 'show_prediction',
-           'tta_uncertainty', 'add_cli', 'model_in_channels', 'benchmark_inference', 'format_inference_bench']
+__all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'tta_flips_that_fit', 'predict_volume', 'postprocess_et',
+           'drop_coreless', 'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled', 'EvalProtocol',
+           'case_means', 'evaluate_cases', 'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer',
+           'show_prediction', 'tta_uncertainty', 'add_cli', 'model_in_channels', 'benchmark_inference',
+           'format_inference_bench']
 
 # %% ../nbs/08_inference.ipynb #5693ed63
 def pad_to_multiple(x, multiple=16):
@@ -59,13 +61,40 @@ def _as_image(image):
         raise BratsError(f"the image holds {int((~torch.isfinite(x)).sum())} NaN or infinite values")
     return x
 
+# %% ../nbs/08_inference.ipynb #23fb7d45
+_FLIPS_FIT = {}
+
+def tta_flips_that_fit(model, shape, available_gib, amp="bf16"):
+    """The most flipped copies per pass (8, 4, 2 or 1) of a brats_nb network `model` on a padded volume of `shape` whose
+    peak fits `available_gib` GiB of free device memory (the planner's count with its margin; the context is already
+    there). 1 when even one copy does not fit (it is tried anyway) or the model is not one of ours (no `config`)."""
+    cfg = getattr(model, "config", None)
+    if not cfg: return 1
+    kw = {k: v for k, v in cfg.items() if k != "variant"}
+    cl = getattr(model, "memory_format", None) == torch.channels_last_3d     # set by `DMFNet.channels_last`
+    key = (repr(sorted(cfg.items())), tuple(shape), amp, cl, round(available_gib, 1))
+    if key not in _FLIPS_FIT:
+        fits = [k for k in (8, 4, 2, 1)
+                if needed_gib(predict_peak(cfg["variant"], shape, k, amp, cl, **kw)) - CONTEXT_GIB <= available_gib]
+        _FLIPS_FIT[key] = fits[0] if fits else 1
+    return _FLIPS_FIT[key]
+
+def _flips_per_pass(model, n_flips, sliding_window, tta_batch, shape, device, amp):
+    if sliding_window or n_flips == 1: return 1
+    if tta_batch: return max(1, int(tta_batch))
+    if device.type != "cuda": return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    dt = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(device, amp)]
+    return tta_flips_that_fit(model, shape, (free + torch.cuda.memory_reserved(device)) / 2**30, dt)
+
 # %% ../nbs/08_inference.ipynb #792d9017
 @torch.no_grad()
 def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, overlap=0.5, sw_batch_size=1,
                    device=None, amp=False, multiple=16, tta_batch=None):
     """Class probabilities (C, *spatial) float32 on the CPU for a normalised `image` (4, *spatial): padded, optionally
     flip-TTA and sliding windows. With TTA on whole volumes, `tta_batch` flipped copies go through the network in one
-    forward pass (default: all 8 on a GPU, 1 on the CPU, where a batch is not faster and needs more memory)."""
+    forward pass (default: on a GPU as many as fit its free memory, by the planner of `06a_memory`; 1 on the CPU,
+    where a batch is not faster and needs more memory)."""
     x = _as_image(image)
     device = torch.device(device) if device is not None else _model_device(model)
     nd = x.ndim - 1
@@ -85,7 +114,7 @@ def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, 
     model.eval()
     try:
         total, flips = None, (tta_flips(nd) if tta else [()])
-        k = 1 if sliding_window else max(1, int(tta_batch or (len(flips) if device.type == "cuda" else 1)))
+        k = _flips_per_pass(model, len(flips), sliding_window, tta_batch, tuple(xp.shape[2:]), device, amp)
         for i in range(0, len(flips), k):                        # k flipped copies per forward pass
             group = flips[i:i + k]
             xi = torch.cat([xp.flip(f) if f else xp for f in group])
