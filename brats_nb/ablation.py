@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import BratsError, check_apart, write_text_atomic
+from .core import BratsError, check_apart, pick_device, write_text_atomic
 from .data import REGIONS
 from .metrics import METRIC_COLUMNS
 from .model import ARMS, build_model, count_parameters, load_model
@@ -35,9 +35,10 @@ def ablation_protocol(cfg: TrainConfig):
     for a group-norm model), plus HD95."""
     return dataclasses.replace(cfg.val_protocol(), hd95=True)
 
-def evaluate_run(run_dir, cfg: TrainConfig, device="cpu", checkpoint="latest.pt", protocol=None):
+def evaluate_run(run_dir, cfg: TrainConfig, device=None, checkpoint="latest.pt", protocol=None):
     """Mean Dice and HD95 per region of a run's final checkpoint (or `checkpoint`) on its validation cases, by
-    `protocol`."""
+    `protocol`, on `device` (default: the run's own, `cfg.device`: the GPU it trained on, not the CPU)."""
+    device = pick_device(cfg.device if device is None else device)
     model, _ = load_model(Path(run_dir) / checkpoint, device=device)
     _, mean = evaluate_cases(model, config_cases(cfg)[1], protocol or ablation_protocol(cfg), device)
     return {k: mean[k] for k in METRIC_COLUMNS}

@@ -48,3 +48,78 @@ def test_auto_amp_is_fp16_where_bf16_is_only_emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)                  # an A100 / H100
     assert amp_dtype("cuda", "auto") == torch.bfloat16
     assert amp_dtype("cuda", "bf16") == torch.bfloat16 and amp_dtype("cpu", "auto") is None
+
+
+def test_a_training_step_makes_no_host_sync():
+    """Issue 23, finding 10: nothing in the loss reads a device value on the host (`int(t.max())`, `bool(t.any())`,
+    `float(loss)`), so a GPU step never waits. On fake tensors such a read is impossible (it raises
+    DataDependentOutputException), so a whole step running under FakeTensorMode proves it on a CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from brats_nb.losses import BratsLoss
+    with FakeTensorMode():
+        net = build_model("all", channels=8, mid_channels=16, groups=4, norm="group")
+        loss_fn = BratsLoss(bsc_weight=0.1, ce_weight=1.0)
+        loss_fn.sync = False                                   # as the trainer sets it on a GPU
+        x, y = torch.empty(2, 4, 32, 32, 32), torch.zeros(2, 32, 32, 32, dtype=torch.int64)
+        kp = torch.zeros(2, 3, 32, 32, 32)
+        loss, parts = loss_fn(net(x), y, kp)
+        loss.backward()
+    assert loss.shape == () and isinstance(parts["bsc"], torch.Tensor)
+
+
+def test_the_bsc_mean_is_unchanged_and_zero_without_key_points():
+    "The sync-free BSC mean equals the mean over the samples that have key points, and is 0 (zero gradient) without."
+    from brats_nb.losses import bsc_loss
+    torch.manual_seed(0)
+    p = torch.rand(3, 3, 6, 6, 6, requires_grad=True)
+    kp = (torch.rand(3, 3, 6, 6, 6) > 0.8).float()
+    kp[1] = 0                                                  # a sample without key points
+    per = [bsc_loss(p[i:i + 1], kp[i:i + 1]) for i in (0, 2)]
+    assert torch.allclose(bsc_loss(p, kp), torch.stack(per).mean())
+    zero = bsc_loss(p, torch.zeros_like(kp))
+    zero.backward()
+    assert zero.item() == 0 and p.grad.abs().sum().item() == 0
+
+
+def test_the_ablation_scores_a_run_on_its_own_device(tmp_path):
+    """Issue 23, finding 5: `evaluate_run` used the CPU whatever the run trained on. It now takes the run's device: a
+    run configured for CUDA is evaluated on CUDA (here, with no GPU, that is refused before any file is read)."""
+    import dataclasses
+    import pytest
+    from brats_nb.ablation import evaluate_run
+    from brats_nb.core import BratsError
+    from brats_nb.trainer import preset
+    if torch.cuda.is_available(): pytest.skip("the check needs a machine without CUDA")
+    cfg = dataclasses.replace(preset("cpu"), device="cuda")
+    with pytest.raises(BratsError, match="no CUDA GPU"):
+        evaluate_run(tmp_path / "no_run", cfg)
+
+
+def test_tta_sends_fewer_flips_per_pass_where_the_memory_is_short():
+    """Issue 23, finding 2: 8 flips of the `all` network on a whole 240x240x160 volume do not fit a 16 GB card; the
+    planner picks fewer per pass (and all 8 where they fit)."""
+    from brats_nb.inference import tta_flips_that_fit
+    net = build_model("all")
+    assert tta_flips_that_fit(net, (240, 240, 160), 14.0) < 8
+    assert tta_flips_that_fit(net, (240, 240, 160), 14.0, "fp32") < tta_flips_that_fit(net, (240, 240, 160), 14.0)
+    assert tta_flips_that_fit(net, (240, 240, 160), 75.0) == 8
+
+
+def test_the_planner_counts_a_real_cpu_step_within_15_percent():
+    """Issue 23, item 2: the planner's count of a step (fake tensors) against the resident memory of the same real step
+    on the CPU (tests/bench_planner.py prints the full table: median error 5.6%)."""
+    from bench_planner import measured_peak
+    from brats_nb.bench import _fix_malloc
+    from brats_nb.memory import step_peak
+    _fix_malloc()
+    real = measured_peak("all", 1, 48)
+    est = step_peak("all", 1, 48, amp="fp32")["tensors"]
+    assert abs(est - real) / real < 0.15, (est, real)
+
+
+def test_the_planner_fits_a_smaller_batch_on_a_smaller_card():
+    "The largest batch grows with the card, and a step of that batch fits the card while one more crop would not."
+    from brats_nb.memory import card_gib, largest_batch, needed_gib, step_peak
+    b16, b40 = largest_batch("all", 16), largest_batch("all", 40)
+    assert 1 <= b16 < 8 <= b40                                  # the paper's batch of 8 needs more than 16 GB
+    assert needed_gib(step_peak("all", b16)["total"]) <= card_gib(16) < needed_gib(step_peak("all", b16 + 1)["total"])
