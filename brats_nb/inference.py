@@ -19,7 +19,7 @@ from .data import (Case, brain_box, downsample_case, resample_factors, whole_blo
                            classes_to_labels, save_nifti, overlay_rgb, brain_mask, slice_controls, windowed, take_slice, png_bytes,
                            tumour_centre, et_label, n_classes, ERROR_COLORS, CONVENTIONS)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
-from .model import load_model, real_checkpoint
+from .checkpoints import load_model, real_checkpoint
 
 # %% auto #0
 __all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'predict_volume', 'postprocess_et', 'drop_coreless',

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, check_norm, pick_device
 from .data import BratsDataset, REGIONS, augment_batch, find_cases, label_convention_of, n_classes, class_regions
 from .synth import heldout_dir, samples_dir
-from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
+from .model import ARMS, arm_network, arm_uses_bsc, build_model
+from .checkpoints import read_checkpoint, save_checkpoint, use_channels_last
 from .keypoints import (CachedDataset, cache_settings, default_cache_dir, find_cache_entry, preprocess,
                                  preprocess_case)
 from .losses import BratsLoss
