@@ -18,7 +18,8 @@ import torch
 from .core import BratsError, check_apart, pick_device, write_text_atomic
 from .data import REGIONS
 from .metrics import METRIC_COLUMNS
-from .model import ARMS, build_model, count_parameters, load_model
+from .model import ARMS, build_model, count_parameters
+from .checkpoints import load_model
 from .inference import evaluate_cases
 from .trainer import (PRESETS, TrainConfig, preset, train, train_torchrun, read_log, add_train_options,
                               config_from_args, config_cases)

@@ -6,26 +6,21 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import sys
-import time
-from pathlib import Path
 
 import brats_nb
-from .core import BratsError, check_apart
+from .core import BratsError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'EXPORT_FORMATS', 'CONFIG_KEY', 'EXAMPLE', 'CHECK', 'TOLERANCE', 'ONNX_OPSET', 'ONNX_EXPORTERS',
-           'build_parser', 'main', 'run_demo', 'add_demo_cli', 'make_lesson_model', 'add_lesson_cli', 'model_card',
-           'make_real_model', 'add_real_cli', 'float32_rounding', 'export_torchscript', 'export_onnx',
-           'export_safetensors', 'load_safetensors', 'export_model', 'add_export_cli']
+__all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #97259f44
-COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.pipeline", "add_cli"), ("brats_nb.trainer", "add_cli"),
-            ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"), ("brats_nb.ablation", "add_cli"),
-            ("brats_nb.cli", "add_demo_cli"), ("brats_nb.cli", "add_lesson_cli"), ("brats_nb.cli", "add_real_cli"),
-            ("brats_nb.cli", "add_export_cli")]
+COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.pipeline", "add_cli"),
+            ("brats_nb.memory", "add_cli"), ("brats_nb.trainer", "add_cli"), ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"),
+            ("brats_nb.ablation", "add_cli"), ("brats_nb.recipes", "add_demo_cli"),
+            ("brats_nb.recipes", "add_lesson_cli"), ("brats_nb.recipes", "add_real_cli"),
+            ("brats_nb.checkpoints", "add_export_cli")]
 BENCHES = [("brats_nb.bench", "add_bench_cli"), ("brats_nb.keypoints", "add_bench_cli")]
 
 def _register(table, sub):
@@ -39,367 +34,32 @@ def _register(table, sub):
 # %% ../nbs/10_cli.ipynb #bbf4ddde
 def build_parser():
     "The `brats-nb` argument parser with every registered subcommand."
-    p = argparse.ArgumentParser(prog="brats-nb", description="brats_nb: 3D brain tumour segmentation (DMFNet + MIE, SIE, BSC).")
+    p = argparse.ArgumentParser(prog="brats-nb",
+                                description="brats_nb: 3D brain tumour segmentation (DMFNet + MIE, SIE, BSC).")
     p.add_argument("--version", action="version", version=f"brats_nb {brats_nb.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _register(COMMANDS, sub)
-    b = sub.add_parser("bench", help="speed and memory benchmarks (print tables)", description="Speed and memory benchmarks.")
+    b = sub.add_parser("bench", help="speed and memory benchmarks (print tables)",
+                       description="Speed and memory benchmarks.")
     bsub = b.add_subparsers(dest="bench", metavar="WHAT")
     _register(BENCHES, bsub)
     b.set_defaults(func=lambda a: b.print_help() or 2)
     return p
 
+# %% ../nbs/10_cli.ipynb #4c2e9a71
 def main(argv=None):
     "Entry point of the `brats-nb` console script; returns the exit status."
     p = build_parser()
     a = p.parse_args(argv)
     if getattr(a, "func", None) is None:
-        p.print_help(); return 2
+        p.print_help()
+        return 2
     try:
         rc = a.func(a)
     except BratsError as e:
-        print(f"brats-nb {a.command}: error: {e}", file=sys.stderr); return 2
+        print(f"brats-nb {a.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"brats-nb {a.command}: interrupted", file=sys.stderr); return 130
+        print(f"brats-nb {a.command}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
-
-# %% ../nbs/10_cli.ipynb #f5ae76fd
-def run_demo(out_dir="demo_out", data=None, epochs=None, variant="all", seed=0, tta=False, log=print):
-    """Train the small model on the samples (or `data`), predict and evaluate the held-out cases; returns the files written.
-    On the samples the model trains on all ten and is judged on the eight held-out companions (`synth.heldout_dir`)."""
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from brats_nb.data import find_cases, load_case
-    from brats_nb.synth import samples_dir
-    from brats_nb.model import load_model
-    from brats_nb.metrics import summarize, whole_brain_dice, write_metrics_csv
-    from brats_nb.inference import evaluate_cases, show_prediction
-    from brats_nb.trainer import config_cases, plot_curves, preset, train
-    t0 = time.perf_counter()
-    root = Path(data) if data else samples_dir()
-    find_cases(root)  # a bad folder fails here, before any work
-    check_apart(out_dir, [data])
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    cfg = preset("cpu", data=str(data or ""), out=str(out / "run"), variant=variant, seed=seed, val_every=0,
-                 val_data="" if data else "heldout", **({"epochs": epochs} if epochs else {}))
-    train_cases, val = config_cases(cfg)
-    log(f"training the '{variant}' arm on {len(train_cases)} cases from {root} for {cfg.epochs} epochs on the CPU (seed {seed}) ...")
-    resume = (out / "run" / "latest.pt").exists()
-    if resume: log(f"resuming the run in {out / 'run'} (delete it to train anew)")
-    train(cfg, resume=resume, quiet=True)
-    t_train = time.perf_counter() - t0
-    model, _ = load_model(out / "run" / "latest.pt")  # the final model: nothing was chosen on the held-out cases
-    pred_dir = out / "predictions"; pred_dir.mkdir(exist_ok=True)
-    protocol = dataclasses.replace(cfg.val_protocol(), tta=tta, postprocess=True, need_core=True, hd95=True)
-    rows, _ = evaluate_cases(model, val, protocol, out_dir=pred_dir)
-    summary = summarize(rows); write_metrics_csv(rows, summary, out / "metrics.csv")
-    log(f"trained in {t_train:.0f} s; predicted {len(val)} held-out cases ({protocol.name})")
-    log("held-out mean Dice  " + "  ".join(f"{r} {summary['mean'][f'Dice_{r}']:.3f}" for r in ("WT", "TC", "ET")))
-    floor = float(np.mean([whole_brain_dice(c) for c in val]))
-    log(f"(labelling the whole brain as tumour would give WT {floor:.3f}: a WT near that is edema everywhere, "
-        "the failure that notebook 06 explains)")
-    fig = plot_curves(out / "run"); fig.savefig(out / "curves.png", dpi=90); plt.close(fig)
-    case = load_case(val[0])
-    import nibabel as nib
-    pred = np.asanyarray(nib.load(str(pred_dir / f"{case.name}.nii.gz")).dataobj)
-    fig = show_prediction(case, pred); fig.savefig(out / "prediction.png", dpi=90); plt.close(fig)
-    log(f"done in {time.perf_counter() - t0:.0f} s")
-    files = [out / "run", pred_dir, out / "metrics.csv", out / "curves.png", out / "prediction.png"]
-    return [f for f in files if f.exists()]
-
-# %% ../nbs/10_cli.ipynb #60a55b7e
-def add_demo_cli(sub):
-    p = sub.add_parser("demo", help="train, predict and evaluate the small model on the bundled samples (CPU, minutes)",
-                       description="The main job on the bundled samples (or --data): train the small model, predict the held-out cases, evaluate.")
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--data", default=None, help="a BraTS folder instead of the bundled samples")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the CPU preset's)")
-    p.add_argument("--variant", default="all", help="ablation arm to train (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, crops and augmentation (default 0)")
-    p.add_argument("--tta", action="store_true", help="predict with 8-flip test-time augmentation (about 40 s more on 2 cores)")
-    p.add_argument("--no-tta", action="store_true", help=argparse.SUPPRESS)   # the default since the recipe got 24 epochs
-    def run(a):
-        files = run_demo(a.out, a.data, a.epochs, a.variant, a.seed, a.tta and not a.no_tta)
-        print("wrote:"); [print("  ", f.resolve()) for f in files]
-    p.set_defaults(func=run)
-
-# %% ../nbs/10_cli.ipynb #7574f3c5
-def make_lesson_model(out=None, seed=0, work=None, log=print):
-    """Train the lessons' model with the demo's recipe and write it slim (float16 weights, config, log, held-out Dice) to
-    `out` (default: brats_nb/assets/lesson_all_cpu.pt). Returns (path, held-out mean Dice per region)."""
-    import tempfile
-    import torch
-    from brats_nb.model import LESSON_FILE, load_model, read_checkpoint, save_checkpoint
-    from brats_nb.trainer import read_log
-    from brats_nb.inference import evaluate_cases
-    from brats_nb.synth import heldout_dir
-    from brats_nb.data import find_cases
-    from brats_nb.trainer import preset
-    out = Path(out) if out else Path(brats_nb.__file__).parent / "assets" / LESSON_FILE
-    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="brats_nb_lesson_"))
-    run_demo(work, seed=seed, tta=False, log=log)
-    ck = read_checkpoint(work / "run" / "latest.pt")
-    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["model"].items()}
-    state = dict(model=weights, config=ck["config"], log=read_log(work / "run"), made_by=f"brats-nb lesson-model --seed {seed}",
-                 brats_nb=brats_nb.__version__, torch=str(torch.__version__))
-    save_checkpoint(work / "slim.pt", **state)
-    model, _ = load_model(work / "slim.pt")                  # score what is stored, not the float32 run
-    protocol = dataclasses.replace(preset("cpu").val_protocol(), postprocess=True, need_core=True, hd95=False)   # the demo's protocol
-    _, mean = evaluate_cases(model, find_cases(heldout_dir()), protocol)
-    heldout = {r: round(float(mean[f"Dice_{r}"]), 4) for r in ("WT", "TC", "ET")}
-    save_checkpoint(out, **state, heldout=heldout, protocol=protocol.name)
-    log(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB); held-out mean Dice of the stored weights: "
-        + "  ".join(f"{r} {v:.3f}" for r, v in heldout.items()))
-    return out, heldout
-
-def add_lesson_cli(sub):
-    p = sub.add_parser("lesson-model", help="make the small trained model that the lessons show (CPU, about 3 minutes)",
-                       description="Train the demo's model and write it, slim, where lesson_model() finds it (or --out).")
-    p.add_argument("--out", default=None, help="where to write it (default: brats_nb/assets/lesson_all_cpu.pt)")
-    p.add_argument("--seed", type=int, default=0, help="the demo's seed (default 0)")
-    p.add_argument("--work", default=None, help="folder for the training run (default: a temporary folder)")
-    p.set_defaults(func=lambda a: make_lesson_model(a.out, a.seed, a.work) and 0)
-
-# %% ../nbs/10_cli.ipynb #6560818d
-def model_card(state, cv=None, notes=None):
-    "The model card (markdown) of a slim real-data checkpoint `state`; `cv` and `notes` (markdown texts) are quoted."
-    t, cases = state["config"]["train"], state["cases"]
-    crops = t["epochs"] * t["samples_per_case"] * len(cases)
-    lines = [f"# Model card: {state['name']}", "",
-             "A 3D brain tumour segmentation network (Zhu et al. 2024: DMFNet with MIE, SIE and BSC; the "
-             f"`{t['variant']}` arm) trained by brats_nb's laptop recipe on real BraTS scans. It labels necrotic core, "
-             "edema and enhancing tumour in a skull-stripped, co-registered four-modality MRI (T1, T1ce, T2, FLAIR).", "",
-             "## Not for clinical use",
-             "A teaching and research model, trained in minutes on a laptop from a handful of cases. It must not be used to "
-             "diagnose, treat, plan or monitor any patient, nor to make any decision about a person. Its errors are not "
-             "characterised beyond the cross-validation below.", "",
-             "## Training data", f"{len(cases)} labelled cases: " + ", ".join(f"`{c}`" for c in cases) + ".", "",
-             "## Recipe", f"Made by `{state['made_by']}`: {state['train_s'] / 60:.1f} min of training epochs on up to {state['threads']} CPU thread(s) "
-             f"(brats_nb {state['brats_nb']}, torch {state['torch']}).", "",
-             f"`preset('laptop')`: each case resampled to {t['spacing']:g} mm and cut to the brain (the training cache), "
-             f"{t['crop_size']}³ crops, batch {t['batch_size']}, {t['epochs']} epochs of {t['samples_per_case']} crops per case "
-             f"({crops} crops), {t['fg_fraction']:g} of them centred on a tumour class drawn uniformly "
-             f"(`fg_balance={t['fg_balance']!r}`), network width {t['channels']}/{t['mid_channels']} ({t['norm']} norm), "
-             f"Adam lr {t['lr']:g} with poly decay, generalised Dice + {t['ce_weight']:g} cross-entropy + "
-             f"{t['bsc_weight']:g} BSC after {t['bsc_warmup']} epochs; float16 weights ({state['parameters']} parameters).", "",
-             f"Prediction (`brats-nb predict`): through a {t['spacing']:g} mm copy in sliding {t['crop_size']}³ windows, "
-             "the probabilities resampled to the input's grid, labels written at full resolution in the input's space "
-             "and convention; " + (f"fewer than {t['et_threshold']} ET voxels become necrotic core; " if t["et_threshold"] else
-             "no ET-size rule; ") + ("tumour components without a core voxel dropped." if t["need_core"] else "every tumour component kept.")]
-    if cv: lines += ["", "## Cross-validated scores", "\n".join("###" + l[1:] if l.startswith("# ") else l for l in cv.strip().splitlines())]
-    if notes: lines += ["", "## Sources and licences of the data", notes.strip()]
-    return "\n".join(lines) + "\n"
-
-# %% ../nbs/10_cli.ipynb #497147ab
-def make_real_model(data, out=None, work=None, seed=0, epochs=None, cv=None, notes=None, log=print):
-    """Train the laptop recipe on every labelled case of the BraTS folder `data` (nothing is written into it) and write
-    the model slim (float16 weights, configuration, case ids, log) to `out` (default: brats_nb/assets/real_laptop.pt)
-    with its model card beside it (`.md`; `cv` and `notes` are markdown files it quotes). Returns the path."""
-    import tempfile
-    import torch
-    from brats_nb.core import write_text_atomic
-    from brats_nb.model import REAL_FILE, read_checkpoint, save_checkpoint
-    from brats_nb.trainer import config_cases, preset, read_log, train
-    out = check_apart(Path(out) if out else Path(brats_nb.__file__).parent / "assets" / REAL_FILE, [data])
-    if not out.parent.is_dir(): raise BratsError(f"{out.parent}: no such folder (to write {out.name} into)")
-    texts = {k: Path(v).read_text() if v else None for k, v in (("cv", cv), ("notes", notes))}   # a missing file fails now
-    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="brats_nb_real_"))
-    cfg = preset("laptop", data=str(data), out=str(work / "run"), seed=seed, val_fraction=0.0, val_every=0,
-                 **({"epochs": epochs} if epochs else {}))
-    cases = [Path(c).name for c in config_cases(cfg)[0]]
-    log(f"training the laptop recipe on {len(cases)} cases of {data} ({cfg.epochs} epochs) ...")
-    train(cfg, resume=(work / "run" / "latest.pt").exists(), quiet=True)   # a finished run in `work` is taken as it is
-    ck, log_rows = read_checkpoint(work / "run" / "latest.pt"), read_log(work / "run")
-    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["model"].items()}
-    state = dict(model=weights, config=dict(ck["config"], train=cfg.to_dict()), log=log_rows, cases=cases, name=out.stem,
-                 made_by="brats-nb real-model --data BRATS_DIR" + (f" --seed {seed}" if seed else "") + (f" --epochs {epochs}" if epochs else ""),
-                 brats_nb=brats_nb.__version__, torch=str(torch.__version__), train_s=sum(r["epoch_s"] for r in log_rows),
-                 threads=max(int(r["threads"]) for r in log_rows), parameters=sum(v.numel() for v in weights.values() if v.is_floating_point()))
-    save_checkpoint(out, **state)
-    write_text_atomic(out.with_suffix(".md"), model_card(state, texts["cv"], texts["notes"]))
-    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and its model card {out.with_suffix('.md')}")
-    return out
-
-def add_real_cli(sub):
-    p = sub.add_parser("real-model", help="train the laptop recipe on a real BraTS folder and write a slim model with its model card",
-                       description="Train preset('laptop') on every labelled case of --data (full resolution; its 2 mm training "
-                                   "cache goes to the brats_nb cache, nothing into the data folder) and write the model slim "
-                                   "(float16) with a model card beside it. Without --out it replaces the shipped real-data model.")
-    p.add_argument("--data", required=True, help="a BraTS folder (either naming; case folders anywhere below it)")
-    p.add_argument("--out", default=None, help="where to write the model (default: brats_nb/assets/real_laptop.pt)")
-    p.add_argument("--work", default=None, help="folder for the training run (default: a temporary folder; give one to resume)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, crops and augmentation (default 0)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the laptop preset's)")
-    p.add_argument("--cv", default=None, help="a markdown file of cross-validated scores to quote in the model card")
-    p.add_argument("--notes", default=None, help="a markdown file on the data's sources and licences to quote in the model card")
-    p.set_defaults(func=lambda a: make_real_model(a.data, a.out, a.work, a.seed, a.epochs, a.cv, a.notes) and 0)
-
-# %% ../nbs/10_cli.ipynb #2b886ff5
-EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
-CONFIG_KEY = "brats_nb_config"   # the metadata key of the configuration (JSON) in ONNX and safetensors files
-EXAMPLE, CHECK = (32, 32, 32), (48, 64, 32)   # the export traces EXAMPLE, then checks itself on CHECK (another shape)
-TOLERANCE = 1e-4
-
-def _out_file(out):
-    "The file to write; its folder must exist (an export creates no folders, so a mistyped path fails at once)."
-    out = Path(out)
-    if not out.parent.is_dir(): raise BratsError(f"{out.parent}: no such folder (to write {out.name} into)")
-    return out
-
-def _export_inputs(model):
-    "(trace input, check input) for `model`: one sample of EXAMPLE and one of CHECK, fixed random values."
-    import torch
-    g, c, n = torch.Generator().manual_seed(0), model.in_channels, model.spatial_dims
-    return torch.randn(1, c, *EXAMPLE[:n], generator=g), torch.randn(1, c, *CHECK[:n], generator=g)
-
-def float32_rounding(model, x):
-    "How far `model`'s float32 logits on `x` are from the same network's in float64: what rounding alone costs."
-    import copy, torch
-    with torch.no_grad(): return float((copy.deepcopy(model).double()(x.double()) - model(x).double()).abs().max())
-
-def _checked(checkpoint, what, model, run, x, tolerance):
-    """Largest absolute logit difference between `model` and `run` (the exported network, tensor -> logits) on `x`. Above
-    `tolerance` it must stay within twice float32's own rounding of `model` (`float32_rounding`), else BratsError."""
-    import torch
-    with torch.no_grad(): diff = float((torch.as_tensor(run(x)) - model(x)).abs().max())
-    if diff <= tolerance or diff <= 2 * (rounding := float32_rounding(model, x)): return diff
-    raise BratsError(f"{checkpoint}: the {what} network differs from the original by {diff:.2e}, more than {tolerance} "
-                     f"and more than twice float32's own rounding ({rounding:.1e})")
-
-# %% ../nbs/10_cli.ipynb #7912ec8e
-def export_torchscript(checkpoint, out, tolerance=TOLERANCE):
-    """Write the network of `checkpoint` to `out` as TorchScript (traced; any input size that is a multiple of 16), with
-    its configuration as the extra file `config.json`. Returns (path, largest absolute logit difference on CHECK)."""
-    import json, warnings
-    import torch
-    from brats_nb.core import atomic_path
-    from brats_nb.model import load_model
-    out = _out_file(out)
-    model, config = load_model(checkpoint, channels_last="off")
-    x, check = _export_inputs(model)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, x, check_trace=False)
-    diff = _checked(checkpoint, "traced", model, traced, check, tolerance)
-    with atomic_path(out) as tmp: torch.jit.save(traced, str(tmp), _extra_files={"config.json": json.dumps(config)})
-    return out, diff
-
-# %% ../nbs/10_cli.ipynb #2291e7f0
-ONNX_OPSET = 18
-ONNX_EXPORTERS = ("torchscript", "dynamo")
-
-def _onnx_packages(exporter):
-    "onnx and onnxruntime (and onnxscript for the dynamo exporter), imported here only: they are development requirements."
-    names = ["onnx", "onnxruntime"] + (["onnxscript"] if exporter == "dynamo" else [])
-    try: return [importlib.import_module(n) for n in names]
-    except ImportError as e:
-        raise BratsError(f"ONNX export needs the packages {', '.join(names)} ({e.name or e} is missing): pip install {' '.join(names)}") from None
-
-def _onnx_model(model, x, exporter):
-    "The network as an ONNX ModelProto traced on `x`, with a dynamic batch axis and dynamic spatial axes."
-    import io, warnings
-    import onnx, torch
-    names = dict(input_names=["image"], output_names=["logits"], opset_version=ONNX_OPSET)
-    if exporter == "dynamo":
-        from torch.export import Dim
-        axes = {0: Dim("batch"), **{2 + i: 16 * Dim(f"size{i}") for i in range(model.spatial_dims)}}
-        x2 = x.expand(2, *x.shape[1:]).contiguous()          # a batch of 1 would be taken for a constant
-        return torch.onnx.export(model, (x2,), dynamo=True, dynamic_shapes=(axes,), verbose=False, **names).model_proto
-    axes = {0: "batch", **{2 + i: f"size{i}" for i in range(model.spatial_dims)}}
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(model, (x,), buf, dynamo=False, dynamic_axes={"image": axes, "logits": axes}, **names)
-    return onnx.load_from_string(buf.getvalue())
-
-# %% ../nbs/10_cli.ipynb #6f099134
-def export_onnx(checkpoint, out, exporter="torchscript", tolerance=TOLERANCE):
-    """Write the network of `checkpoint` to `out` as ONNX (opset ONNX_OPSET; input 'image' of any batch and any size that
-    is a multiple of 16, output 'logits') with its configuration as JSON in the metadata (CONFIG_KEY), checked by
-    `onnx.checker` and, through ONNX Runtime, on CHECK. Returns (path, largest absolute logit difference)."""
-    import json
-    import torch
-    from brats_nb.core import atomic_path
-    from brats_nb.model import load_model
-    if exporter not in ONNX_EXPORTERS: raise BratsError(f"unknown ONNX exporter {exporter!r}; use {' or '.join(ONNX_EXPORTERS)}")
-    out = _out_file(out)
-    onnx, ort = _onnx_packages(exporter)[:2]
-    model, config = load_model(checkpoint, channels_last="off")
-    x, check = _export_inputs(model)
-    proto = _onnx_model(model, x, exporter)
-    proto.metadata_props.add(key=CONFIG_KEY, value=json.dumps(config))
-    try: onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e: raise BratsError(f"{checkpoint}: onnx.checker refuses the exported model ({e})") from None
-    opts = ort.SessionOptions(); opts.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    diff = _checked(checkpoint, "ONNX", model, lambda t: session.run(None, {"image": t.numpy()})[0], check, tolerance)
-    with atomic_path(out) as tmp: onnx.save(proto, str(tmp))
-    return out, diff
-
-# %% ../nbs/10_cli.ipynb #f0f9455d
-def export_safetensors(checkpoint, out, tolerance=TOLERANCE):
-    """Write the weights of the network of `checkpoint` to `out` as safetensors, its configuration as JSON in the metadata
-    (CONFIG_KEY) and in `<out>.json`, checked by rebuilding the network from the file (`load_safetensors`) and running
-    CHECK. Returns (path, largest absolute logit difference)."""
-    import json
-    from safetensors.torch import save_file
-    from brats_nb.core import atomic_path, write_text_atomic
-    from brats_nb.model import load_model
-    out = _out_file(out)
-    model, config = load_model(checkpoint, channels_last="off")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: json.dumps(config)})
-        again = load_safetensors(tmp, channels_last="off")[0]
-        diff = _checked(checkpoint, "reloaded", model, again, _export_inputs(model)[1], tolerance)
-    write_text_atomic(f"{out}.json", json.dumps(config, indent=1) + "\n")
-    return out, diff
-
-# %% ../nbs/10_cli.ipynb #a33818a3
-def load_safetensors(path, device="cpu", channels_last="auto"):
-    """Rebuild the network of a safetensors file written by `brats-nb export --format safetensors`: `build_model` with the
-    configuration in its metadata (CONFIG_KEY), then its weights. No pickle. Returns (model in eval mode, config dict)."""
-    import json
-    from safetensors import safe_open
-    from brats_nb.model import build_model, use_channels_last
-    path = Path(path)
-    if not path.is_file(): raise BratsError(f"{path}: no such safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as f: meta, weights = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e: raise BratsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
-    if CONFIG_KEY not in meta:
-        raise BratsError(f"{path}: no brats_nb configuration in the safetensors metadata (key {CONFIG_KEY!r}); `brats-nb export --format safetensors` writes one")
-    try: config = json.loads(meta[CONFIG_KEY]); model = build_model(**config["model"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise BratsError(f"{path}: the brats_nb configuration in its metadata does not describe a network ({type(e).__name__}: {e})") from None
-    try: model.load_state_dict(weights)
-    except RuntimeError as e: raise BratsError(f"{path}: weights do not fit the {config['model'].get('variant')!r} network ({str(e)[:200]})") from None
-    if use_channels_last(channels_last, device): model.channels_last()
-    return model.to(device).eval(), config
-
-# %% ../nbs/10_cli.ipynb #c016a1ff
-def export_model(checkpoint, out, format="torchscript", **kwargs):
-    "Write the network of `checkpoint` to `out` in `format` (EXPORT_FORMATS); returns (path, largest logit difference on CHECK)."
-    fns = dict(zip(EXPORT_FORMATS, (export_torchscript, export_onnx, export_safetensors)))
-    if format not in fns: raise BratsError(f"unknown export format {format!r}; use {', '.join(EXPORT_FORMATS)}")
-    return fns[format](checkpoint, out, **kwargs)
-
-def add_export_cli(sub):
-    p = sub.add_parser("export", help="write a trained network as TorchScript, ONNX or safetensors, to run or share without brats_nb",
-                       description="Write the network of CHECKPOINT as TorchScript (torch.jit.load runs it), ONNX (ONNX Runtime and "
-                                   "other frameworks run it) or safetensors (weights and configuration, no pickle; load_safetensors "
-                                   "rebuilds it), checked against the original on an input of another shape.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a brats_nb checkpoint")
-    p.add_argument("--out", required=True, help="the file to write (safetensors: and <out>.json beside it); its folder must exist")
-    p.add_argument("--format", default="torchscript", metavar="FORMAT", help=f"{', '.join(EXPORT_FORMATS)} (default: torchscript)")
-    p.add_argument("--onnx-exporter", default=None, metavar="EXPORTER",
-                   help="torch's ONNX exporter: torchscript (default, about 1 s) or dynamo (torch.export, needs onnxscript)")
-    def run(a):
-        if a.onnx_exporter is not None and a.format != "onnx": raise BratsError(f"--onnx-exporter is for --format onnx, not {a.format!r}")
-        path, diff = export_model(a.checkpoint, a.out, a.format, **({"exporter": a.onnx_exporter} if a.onnx_exporter else {}))
-        also = f" and {path}.json" if a.format == "safetensors" else ""
-        why = f" (over {TOLERANCE}, but within float32's own rounding of the network)" if diff > TOLERANCE else ""
-        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB){also}; largest logit difference from the original "
-              f"{diff:.1e} on a {'x'.join(map(str, CHECK))} input{why}")
-    p.set_defaults(func=run)

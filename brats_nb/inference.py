@@ -21,7 +21,7 @@ from .data import (Case, brain_box, downsample_case, resample_factors, whole_blo
                            brain_mask, slice_controls, windowed, take_slice, png_bytes, tumour_centre, et_label,
                            n_classes, ERROR_COLORS, CONVENTIONS)
 from .metrics import dice, flat_metrics, load_prediction, region_metrics
-from .model import load_model, real_checkpoint
+from .checkpoints import load_model, real_checkpoint
 
 # %% auto #0
 __all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'tta_flips_that_fit', 'predict_volume', 'postprocess_et',

@@ -82,7 +82,7 @@ def _find_mie(model):
     if _is_mie(model): return model
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         raise BratsError(f"{model}: a checkpoint path; load the network first: `model, _ = load_model(path)` "
-                         "(brats_nb.model)")
+                         "(brats_nb.checkpoints)")
     m = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     mie = getattr(m, "mie", None)
     if not _is_mie(mie):

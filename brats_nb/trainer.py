@@ -28,7 +28,8 @@ from fastcore.basics import patch
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, check_norm, pick_device
 from .data import REGIONS, find_cases, label_convention_of, n_classes, class_regions
 from .synth import heldout_dir, samples_dir
-from .model import ARMS, arm_network, arm_uses_bsc, build_model, read_checkpoint, save_checkpoint, use_channels_last
+from .model import ARMS, arm_network, arm_uses_bsc, build_model
+from .checkpoints import read_checkpoint, save_checkpoint, use_channels_last
 from .keypoints import KeypointSettings
 from .pipeline import BratsDataset, augment_batch, training_dataset
 from .losses import BratsLoss

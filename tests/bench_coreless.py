@@ -25,7 +25,7 @@ def main(argv=None):
     from brats_nb.data import find_cases, labels_to_classes, labels_to_regions, load_case
     from brats_nb.inference import drop_coreless, evaluate_cases
     from brats_nb.metrics import dice
-    from brats_nb.model import load_model
+    from brats_nb.checkpoints import load_model
     from brats_nb.synth import make_samples
     from brats_nb.trainer import TrainConfig
     rows = []

@@ -15,7 +15,7 @@ def main():
     p.add_argument("checkpoint"); p.add_argument("--out", default=None)
     a = p.parse_args()
     from brats_nb.inference import EvalProtocol, evaluate_cases
-    from brats_nb.model import load_model
+    from brats_nb.checkpoints import load_model
     from brats_nb.synth import heldout_dir
     from brats_nb.data import find_cases
     ck = Path(a.checkpoint); ck = ck / "latest.pt" if ck.is_dir() else ck

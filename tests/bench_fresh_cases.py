@@ -22,7 +22,7 @@ def main():
     import dataclasses
     from brats_nb.data import find_cases
     from brats_nb.inference import evaluate_cases
-    from brats_nb.model import load_model
+    from brats_nb.checkpoints import load_model
     from brats_nb.synth import make_samples
     from brats_nb.trainer import TrainConfig
     rows = []

@@ -32,7 +32,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     from brats_nb.data import load_case, normalize
     from brats_nb.inference import predict_case, predict_volume
-    from brats_nb.model import load_model, real_checkpoint
+    from brats_nb.checkpoints import load_model, real_checkpoint
     model, config = load_model(real_checkpoint())
     t = config["train"]
     kw = dict(spacing=t["spacing"], sliding_window=True, roi_size=t["crop_size"], et_threshold=t["et_threshold"], need_core=t["need_core"])

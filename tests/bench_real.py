@@ -37,7 +37,7 @@ def main(argv=None):
     from brats_nb.data import brain_mask, downsample_case, find_cases, labels_to_classes, labels_to_regions, load_case, write_case_folder
     from brats_nb.inference import drop_coreless, predict_resampled
     from brats_nb.metrics import dice
-    from brats_nb.model import load_model
+    from brats_nb.checkpoints import load_model
     from brats_nb.trainer import preset, train
 
     root = real_root()

@@ -73,7 +73,7 @@ def main(argv=None):
     from brats_nb.data import brain_mask, find_cases, labels_to_classes, load_case
     from brats_nb.inference import predict_case
     from brats_nb.metrics import dice
-    from brats_nb.model import load_model
+    from brats_nb.checkpoints import load_model
     from brats_nb.trainer import preset, train
 
     root = real_root(a.data)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from brats_nb.data import find_cases
-from brats_nb.model import lesson_checkpoint
+from brats_nb.checkpoints import lesson_checkpoint
 from brats_nb.synth import SAMPLES_DIR
 
 BIN = Path(sys.executable).parent

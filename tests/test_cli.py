@@ -27,7 +27,7 @@ def test_lesson_model_command_reproduces_the_shipped_model(tmp_path):
     """`brats-nb lesson-model` (the documented command) trains the lessons' model again; the new one must score what the
     shipped one records on the eight held-out cases, and the shipped file must stay small."""
     import torch
-    from brats_nb.model import lesson_checkpoint, read_checkpoint
+    from brats_nb.checkpoints import lesson_checkpoint, read_checkpoint
     shipped = read_checkpoint(lesson_checkpoint())
     assert lesson_checkpoint().stat().st_size < 1_000_000
     out = tmp_path / "lesson.pt"
@@ -181,7 +181,7 @@ def test_newer_layouts_are_evaluated_in_their_regions(tmp_path):
 def test_decathlon_layout_end_to_end(tmp_path):
     "`make-samples --naming msd` writes the Decathlon's Task01 layout; predict and evaluate read it like any BraTS folder."
     from brats_nb.data import find_cases, load_case
-    from brats_nb.model import lesson_checkpoint
+    from brats_nb.checkpoints import lesson_checkpoint
     task = tmp_path / "Task01_BrainTumour"
     r = run("make-samples", str(task), "--n", "2", "--shape", "64", "64", "64", "--naming", "msd")
     assert r.returncode == 0, r.stderr[-2000:]

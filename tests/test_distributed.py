@@ -11,7 +11,7 @@ import time
 import torch
 
 from brats_nb.inference import evaluate_cases
-from brats_nb.model import load_model, read_checkpoint
+from brats_nb.checkpoints import load_model, read_checkpoint
 from brats_nb.trainer import TrainConfig, config_cases, read_log
 from test_trainer import BIN, ENV, SMALL, brats_nb, same_weights, weights
 

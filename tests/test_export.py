@@ -2,7 +2,7 @@
 and for a fresh 5-output-channel network (the 2024 post-treatment convention): each file, run by its own runtime
 (torch.jit, ONNX Runtime, `load_safetensors`), gives the brats_nb network's logits within 1e-4 on an input of another
 shape than the export's (for the paper-width network, whose logits reach about 25: within twice float32's own rounding,
-as `export` checks; see nbs/10_cli.ipynb); the configuration travels with the file; bad input names what is wrong."""
+as `export` checks; see nbs/04a_checkpoints.ipynb); the configuration travels with the file; bad input names what is wrong."""
 import json
 import os
 import subprocess
@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from brats_nb.cli import CONFIG_KEY, float32_rounding, load_safetensors, main
+from brats_nb.checkpoints import (CONFIG_KEY, float32_rounding, lesson_checkpoint, load_model, load_safetensors,
+                                  read_checkpoint, save_checkpoint)
+from brats_nb.cli import main
 from brats_nb.core import BratsError
 from brats_nb.data import n_classes
-from brats_nb.model import build_model, lesson_checkpoint, load_model, read_checkpoint, save_checkpoint
+from brats_nb.model import build_model
 
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")   # PYTHONPATH kept: a worktree's brats_nb runs

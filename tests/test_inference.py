@@ -16,7 +16,8 @@ from brats_nb.data import BratsError, brain_mask, find_cases, labels_to_regions,
 from brats_nb.inference import (benchmark_inference, format_inference_bench, postprocess_et, predict_case, predict_folder,
                                 predict_volume, prediction_viewer, show_prediction, tta_flips, pad_to_multiple,
                                 ERROR_COLORS)
-from brats_nb.model import build_model, load_model
+from brats_nb.checkpoints import load_model
+from brats_nb.model import build_model
 from brats_nb.synth import SAMPLES_DIR, make_case, write_case
 
 HAS_TRAINER = importlib.util.find_spec("brats_nb.trainer") is not None

@@ -18,7 +18,7 @@ import torch
 
 from brats_nb.data import find_cases, labels_to_regions, load_case
 from brats_nb.metrics import dice
-from brats_nb.model import read_checkpoint, real_checkpoint, real_model_card
+from brats_nb.checkpoints import read_checkpoint, real_checkpoint, real_model_card
 from brats_nb.synth import SAMPLES_DIR
 
 BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ import torch
 from brats_nb.cli import main
 from brats_nb.data import BratsError, find_cases
 from brats_nb.synth import SAMPLES_DIR
-from brats_nb.model import load_model, read_checkpoint
+from brats_nb.checkpoints import load_model, read_checkpoint
 from brats_nb.trainer import read_log, split_cases
 
 BIN = Path(sys.executable).parent
