@@ -17,8 +17,8 @@ __all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #97259f44
 COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.pipeline", "add_cli"),
-            ("brats_nb.memory", "add_cli"), ("brats_nb.trainer", "add_cli"), ("brats_nb.inference", "add_cli"), ("brats_nb.metrics", "add_cli"),
-            ("brats_nb.ablation", "add_cli"), ("brats_nb.recipes", "add_demo_cli"),
+            ("brats_nb.memory", "add_cli"), ("brats_nb.trainer", "add_cli"), ("brats_nb.inference", "add_cli"),
+            ("brats_nb.metrics", "add_cli"), ("brats_nb.ablation", "add_cli"), ("brats_nb.recipes", "add_demo_cli"),
             ("brats_nb.recipes", "add_lesson_cli"), ("brats_nb.recipes", "add_real_cli"),
             ("brats_nb.checkpoints", "add_export_cli")]
 BENCHES = [("brats_nb.bench", "add_bench_cli"), ("brats_nb.keypoints", "add_bench_cli")]

@@ -93,8 +93,7 @@ def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, 
                    device=None, amp=False, multiple=16, tta_batch=None):
     """Class probabilities (C, *spatial) float32 on the CPU for a normalised `image` (4, *spatial): padded, optionally
     flip-TTA and sliding windows. With TTA on whole volumes, `tta_batch` flipped copies go through the network in one
-    forward pass (default: on a GPU as many as fit its free memory, by the planner of `06a_memory`; 1 on the CPU,
-    where a batch is not faster and needs more memory)."""
+    forward pass (default: on a GPU as many as its free memory holds, `tta_flips_that_fit`; 1 on the CPU)."""
     x = _as_image(image)
     device = torch.device(device) if device is not None else _model_device(model)
     nd = x.ndim - 1
