@@ -23,7 +23,7 @@ from .checkpoints import load_model
 from .inference import evaluate_cases
 from .trainer import (PRESETS, TrainConfig, preset, train, train_torchrun, read_log, add_train_options,
                               config_from_args, config_cases)
-from .pipeline import prepare_keypoints
+from .pipeline import prepare_training_data
 
 # %% auto #0
 __all__ = ['METRIC_COLS', 'ablation_protocol', 'evaluate_run', 'n_parameters', 'arm_cost', 'visible_gpus', 'job_gpu',
@@ -102,8 +102,8 @@ def _run_jobs(out, base, todo, jobs, done, report, log):
     from concurrent.futures import ProcessPoolExecutor, as_completed
     bsc = [dataclasses.replace(base, variant=a) for a, _ in todo]
     train_cases, _ = config_cases(base)   # once, here, rather than by two jobs at the same time: the held-out set,
-    if any(cfg.uses_bsc for cfg in bsc):                         # and the key point maps
-        prepare_keypoints(train_cases, base.keypoints, base.convention or None)
+    prepare_training_data(train_cases, base.cache_dir, base.keypoints, any(cfg.uses_bsc for cfg in bsc),
+                          base.convention or None, base.spacing)   # and the cache (or the key point maps)
     threads = max(1, torch.get_num_threads() // jobs)
     ctx, n = mp.get_context("spawn"), min(jobs, len(todo))
     gpus = visible_gpus() if base.device != "cpu" else []

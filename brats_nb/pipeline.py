@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -32,7 +33,7 @@ __all__ = ['AUG_MAX_ANGLE', 'CACHE_VERSION', 'uniform_corner', 'centred_corner',
            'augment_params', 'augment_theta', 'augment_batch', 'load_extra', 'BratsDataset', 'keypoint_files',
            'keypoints_up_to_date', 'preprocess_case', 'preprocess', 'cache_root', 'default_cache_dir', 'cache_settings',
            'cache_key', 'find_cache_entry', 'cache_case', 'read_cache_entry', 'CachedDataset', 'prepare_cache',
-           'prepare_keypoints', 'training_dataset', 'add_cli']
+           'prepare_keypoints', 'prepare_training_data', 'training_dataset', 'add_cli']
 
 # %% ../nbs/05a_pipeline.ipynb #ae98d206
 def uniform_corner(randint, size, shape):
@@ -110,6 +111,13 @@ def _rotation(axis, a):
     r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
     return r
 
+# %% ../nbs/05a_pipeline.ipynb #d4c181e2
+def _to_device(t, device):
+    "`t` as float32 on `device`; to a GPU from pinned memory, without waiting for the copy."
+    t = t.to(torch.float32)
+    if torch.device(device).type != "cuda": return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
 # %% ../nbs/05a_pipeline.ipynb #47a3088a
 def augment_theta(params, shape):
     """The `affine_grid` matrices (n, 3, 4) that rotate each sample about the crop's centre (x, then y, then z, in voxel
@@ -132,11 +140,11 @@ def augment_batch(batch, generator=None, params=None):
     x = batch["image"]
     n, c, shape = x.shape[0], x.shape[1], tuple(x.shape[2:])
     p = params or augment_params(n, c, generator)
-    grid = F.affine_grid(augment_theta(p, shape).to(x.device, torch.float32), (n, c, *shape), align_corners=False)
+    theta, scale, shift = (_to_device(t, x.device) for t in (augment_theta(p, shape), p["scale"], p["shift"]))
+    grid = F.affine_grid(theta, (n, c, *shape), align_corners=False)
     out = dict(batch)
     img = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out["image"] = (img * p["scale"].to(x.device, torch.float32)[:, :, None, None, None]
-                    + p["shift"].to(x.device, torch.float32)[:, :, None, None, None])
+    out["image"] = img * scale[:, :, None, None, None] + shift[:, :, None, None, None]
     lab = F.grid_sample(batch["label"][:, None].float(), grid, mode="nearest", padding_mode="zeros",
                         align_corners=False)
     out["label"] = lab[:, 0].round().long()
@@ -250,7 +258,7 @@ def preprocess_case(case_dir, keypoints: KeypointSettings | None = None, force=F
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
     conv = convention_of_label(label.astype(np.uint8), files, convention or None)  # as the user says, else detected
-    maps, info = select_keypoints(label.astype(np.uint8), kp, conv, device)
+    maps, info = select_keypoints(label.astype(np.uint8), kp, conv, device or "cpu")   # a GPU only when asked
     nii, side = keypoint_files(files)
     save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)
     meta = dict(kp.params(), label_sha256=sha, label_file=files.seg.name,
@@ -400,7 +408,7 @@ def cache_case(case_dir, cache_dir=None, keypoints: KeypointSettings | None = No
     if spacing: case = downsample_case(case, spacing, margin)
     box = brain_box(case.image, margin)
     image = normalize(case.image)[(slice(None), *box)].astype(dtype)
-    maps, info = select_keypoints(case, kp, device=device)
+    maps, info = select_keypoints(case, kp, device=device or "cpu")   # a GPU only when asked
     final = cache_dir / f"{files.name}-{key}"
     meta = dict(name=files.name, source=str(files.path.resolve()), sources=src, settings=settings, key=key,
                 label_convention=case.label_convention, box=[[s.start, s.stop] for s in box], shape=list(case.shape),
@@ -422,12 +430,15 @@ def read_cache_entry(entry):
 # %% ../nbs/05a_pipeline.ipynb #730e9d0e
 class CachedDataset(torch.utils.data.Dataset):
     """Random training crops read from training cache entries through memory maps: the CPU's work per crop is a slice
-    of each array. Dicts with `image` (C, *crop) float32, `label` (classes, *crop), `keypoints` (3, *crop), `case`.
-    With `augment`, the training augmentation (`augment_batch`) runs here on the CPU; without, on the training device.
+    of each array. Dicts with `image` (C, *crop), `label` (classes, *crop), `keypoints` (3, *crop; only with
+    `keypoints`, for BSC), `case`. With `augment`, the training augmentation (`augment_batch`) runs here on the CPU and
+    the crops are float32/int64; without, it runs on the training device and the crops travel as the cache holds them
+    (float16 image, uint8 classes and key points: a third of the bytes through shared memory), widened there.
+    At most `max_open` entries are kept open per process (three file descriptors each), the least recently used closed.
     A share `fg_fraction` of the crops is centred on a tumour voxel: any (`fg_balance="tumour"`), or one of a tissue
     class drawn uniformly among the classes the case holds (`"class"`, as nnU-Net samples foreground per class)."""
     def __init__(self, entries, crop_size=128, seed=0, samples_per_case=1, fg_fraction=0.0, n_classes=3, augment=False,
-                 fg_balance="tumour"):
+                 fg_balance="tumour", keypoints=True, max_open=64):
         if fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {fg_balance!r}: use tumour or class")
         self.entries = [Path(e) for e in entries]
         if not self.entries: raise BratsError("CachedDataset: no cache entries given")
@@ -436,7 +447,9 @@ class CachedDataset(torch.utils.data.Dataset):
         self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
         self.seed, self.samples_per_case = seed, samples_per_case
         self.fg_fraction, self.augment = float(fg_fraction), augment
-        self.fg_balance, self.n_classes, self.epoch, self._open = fg_balance, n_classes, 0, {}
+        self.fg_balance, self.n_classes, self.epoch = fg_balance, n_classes, 0
+        self.keypoints, self.max_open = keypoints, max(1, int(max_open))
+        self._open, self._lut, self._fg = OrderedDict(), {}, {}     # memory maps (least recently used first); per entry
 
     def __len__(self): return len(self.entries) * self.samples_per_case
     def set_epoch(self, epoch): self.epoch = epoch
@@ -444,17 +457,22 @@ class CachedDataset(torch.utils.data.Dataset):
 # %% ../nbs/05a_pipeline.ipynb #d662c5d6
 @patch
 def arrays(self: CachedDataset, i):
-    "The memory maps of entry `i`, its class lookup table and its tumour voxels, by class (opened once per process)."
-    if i not in self._open:
-        a = read_cache_entry(self.entries[i])
+    """The memory maps of entry `i` with its class lookup table and its tumour voxels by class (both computed once
+    per process); the maps of the least recently used entry are closed beyond `max_open`."""
+    if i in self._open:
+        self._open.move_to_end(i)
+    else:
+        self._open[i] = read_cache_entry(self.entries[i])
+        while len(self._open) > self.max_open: self._open.popitem(last=False)   # its maps close with it
+    a = self._open[i]
+    if i not in self._lut:
         lut = np.zeros(256, np.uint8)
         conv = self.metas[i]["label_convention"]
         values = np.array(sorted(get_convention(conv).values), np.uint8)
         lut[values] = labels_to_classes(values, conv)
-        a["lut"] = lut
-        a["fg"] = self.tumour_voxels(lut[np.asarray(a["label"])]) if self.fg_fraction > 0 else None
-        self._open[i] = a
-    return self._open[i]
+        self._lut[i] = lut
+        self._fg[i] = self.tumour_voxels(lut[np.asarray(a["label"])]) if self.fg_fraction > 0 else None
+    return dict(a, lut=self._lut[i], fg=self._fg[i])
 
 # %% ../nbs/05a_pipeline.ipynb #677cbd33
 @patch
@@ -491,9 +509,10 @@ def __getitem__(self: CachedDataset, idx):
     def take(arr, dtype):
         out = np.asarray(arr[(slice(None), *box)] if arr.ndim == 4 else arr[box], dtype=dtype)
         return np.pad(out, ([(0, 0)] if out.ndim == 4 else []) + pad) if any(p != (0, 0) for p in pad) else out
-    res = dict(image=torch.from_numpy(take(a["image"], np.float32)),
-               label=torch.from_numpy(a["lut"][take(a["label"], np.uint8)].astype(np.int64)),
-               keypoints=torch.from_numpy(take(a["keypoints"], np.float32)))
+    wide = self.augment                      # augmented here: float32/int64; else as cached, widened on the device
+    res = dict(image=torch.from_numpy(take(a["image"], np.float32 if wide else a["image"].dtype)),
+               label=torch.from_numpy(a["lut"][take(a["label"], np.uint8)].astype(np.int64 if wide else np.uint8)))
+    if self.keypoints: res["keypoints"] = torch.from_numpy(take(a["keypoints"], np.float32 if wide else np.uint8))
     if self.augment:
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         b = augment_batch({k: v[None] for k, v in res.items()}, g)
@@ -530,6 +549,14 @@ def prepare_keypoints(cases, keypoints: KeypointSettings | None = None, conventi
             preprocess_case(c, keypoints, convention=convention)
     if barrier: barrier()
 
+def prepare_training_data(cases, cache_dir="", keypoints: KeypointSettings | None = None, bsc=True, convention=None,
+                          spacing=0.0, main=True, barrier=None):
+    """What a run needs on disk before its first crop: the cache entries (with `cache_dir`; returned), else the key
+    point files beside the cases when `bsc` (None returned). Nothing is written into the data folder with a cache."""
+    if cache_dir: return prepare_cache(cases, cache_dir, keypoints, convention, spacing, main, barrier)
+    if bsc: prepare_keypoints(cases, keypoints, convention, main, barrier)
+    return None
+
 # %% ../nbs/05a_pipeline.ipynb #119b6c34
 def training_dataset(cases, crop_size, cache_dir="", keypoints: KeypointSettings | None = None, bsc=True,
                      convention=None, spacing=0.0, n_classes=3, seed=0, samples_per_case=1, fg_fraction=0.0,
@@ -537,11 +564,10 @@ def training_dataset(cases, crop_size, cache_dir="", keypoints: KeypointSettings
     """The training dataset of `cases`: with `cache_dir` ('auto' or a folder) a `CachedDataset` over their cache entries
     (written where missing), else a `BratsDataset` over their files, with the key point maps as an extra channel when
     `bsc`. `augment`: augment each crop here (else on the training device, `augment_batch`)."""
+    entries = prepare_training_data(cases, cache_dir, keypoints, bsc, convention, spacing, main, barrier)
     if cache_dir:                                              # memory-mapped cache entries: a crop is a slice
-        entries = prepare_cache(cases, cache_dir, keypoints, convention, spacing, main, barrier)
         return CachedDataset(entries, crop_size, seed=seed, samples_per_case=samples_per_case, fg_fraction=fg_fraction,
-                             n_classes=n_classes, augment=augment, fg_balance=fg_balance)
-    if bsc: prepare_keypoints(cases, keypoints, convention, main, barrier)
+                             n_classes=n_classes, augment=augment, fg_balance=fg_balance, keypoints=bsc)
     return BratsDataset(cases, crop_size, augment=augment, extra=("keypoints",) if bsc else (), cache=cache, seed=seed,
                         samples_per_case=samples_per_case, fg_fraction=fg_fraction, label_convention=convention,
                         n_classes=n_classes)
@@ -566,7 +592,8 @@ def add_cli(sub):
                    help="ball radius: one value or three (default 2 1 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="recompute even up-to-date maps")
-    p.add_argument("--device", default=None, help="torch device for the scoring (default: cuda when present, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device for the scoring (default cpu: the worker processes open no GPU unless asked)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--convention", default=None, choices=list(CONVENTIONS),
                    help="label convention of the data where its values and names do not decide it "
