@@ -11,6 +11,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from .trainer import TrainConfig, amp_setup, train_step
 
 # %% auto #0
 __all__ = ['bench_model', 'format_bench', 'add_model_bench_cli', 'bench_train', 'add_train_bench_cli', 'bench_loader',
-           'bench_gpu', 'format_bench_gpu', 'add_gpu_bench_cli', 'add_bench_cli']
+           'bench_gpu', 'format_gpu_row', 'add_gpu_bench_cli', 'add_bench_cli']
 
 # %% ../nbs/13_bench.ipynb #2d520211
 def _rss():
@@ -208,15 +209,15 @@ def _time_steps(model, it, g, loss_fn, opt, dev, amp, scaler, steps, pipeline, e
 
 # %% ../nbs/13_bench.ipynb #cceba999
 def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels, mid_channels, groups,
-               channels_last=False, pipeline="nifti", cache_dir=None):
+               channels_last=False, pipeline="nifti", cache_dir=None, max_cases=0):
     """Time `steps` training steps of one variant; returns a dict (runs inside its own process). `pipeline`: 'nifti'
     (NIfTI read and MONAI augmentation per crop in the loader) or 'cache' (memory-mapped cache entries, `augment_batch`
-    on the device)."""
+    on the device). `max_cases`: only the first cases (0: all)."""
     import resource
     dev = torch.device(device)
     cfg = TrainConfig(variant=variant, crop_size=crop, batch_size=batch, amp=amp, channels=channels,
                       mid_channels=mid_channels, groups=groups)
-    cases = find_cases(data or samples_dir())
+    cases = find_cases(data or samples_dir())[:max_cases or None]
     extra = ("keypoints",) if cfg.uses_bsc else ()
     dl = _step_loader(cases, crop, batch, steps, workers, dev, extra, pipeline, cache_dir)
     model = build_model(**cfg.model_kwargs()).to(dev)
@@ -234,7 +235,8 @@ def _bench_one(variant, crop, batch, steps, device, workers, data, amp, channels
     step = float(np.median(np.add(data_t, comp_t)))
     return dict(variant=variant, batch=batch, crop=crop, amp=amp_name, channels_last="on" if channels_last else "off",
                 pipeline=pipeline, data_s=float(np.median(data_t)), compute_s=float(np.median(comp_t)), step_s=step,
-                vols_per_s=batch / step, peak_gib=peak)
+                vols_per_s=batch / step, peak_gib=peak,
+                reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if dev.type == "cuda" else None)
 
 # %% ../nbs/13_bench.ipynb #52efc89b
 def _bench_subprocess(**kw):
@@ -317,11 +319,11 @@ def add_train_bench_cli(bsub):
     p.set_defaults(func=run)
 
 # %% ../nbs/13_bench.ipynb #3aa75ce7
-def bench_loader(data="", crop=128, workers=None, batches=6, batch=8, cache_dir=None):
+def bench_loader(data="", crop=128, workers=None, batches=6, batch=8, cache_dir=None, max_cases=0):
     """Crops per second that a DataLoader with `workers` processes delivers from the training cache (`CachedDataset`,
     the CPU side only: the augmentation runs on the device)."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    cases = find_cases(data or samples_dir())
+    cases = find_cases(data or samples_dir())[:max_cases or None]
     entries = [cache_case(c, cache_dir)[1] for c in cases]
     ds = CachedDataset(entries, crop, samples_per_case=max(1, math.ceil(batch * (batches + 2) / len(entries))))
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
@@ -333,46 +335,91 @@ def bench_loader(data="", crop=128, workers=None, batches=6, batch=8, cache_dir=
     for _ in range(batches): next(it)
     return dict(workers=workers, crop=crop, crops_per_s=batch * batches / (time.perf_counter() - t0))
 
-# %% ../nbs/13_bench.ipynb #b06e0304
-def bench_gpu(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8, steps=5, data="", workers=None,
-              budgets=(16, 24, 80), epochs=500, n_cases=285, channels=32, mid_channels=128, groups=16):
-    """The instructor's GPU check: training volumes/s per arm at `crop`³, `batch`, bf16, channels-last on and off
-    (cache pipeline, augmentation on the GPU); the loader's crops/s and whether it keeps up; the largest batch per
-    memory budget; whole-volume inference (240x240x155) with and without TTA; peak memory; the projected time of the
-    paper's recipe (`n_cases` x `epochs` crops). Returns a dict of tables."""
-    if not torch.cuda.is_available():
-        raise BratsError("`brats-nb bench gpu` needs a CUDA GPU (torch.cuda.is_available() is False); "
-                         "`brats-nb bench train` runs on the CPU")
-    kw = dict(crop=crop, batch=batch, steps=steps, device="cuda", workers=min(8, os.cpu_count() or 1), data=data,
-              amp="bf16", channels=channels, mid_channels=mid_channels, groups=groups, pipeline="cache")
-    train = [_bench_subprocess(variant=v, channels_last=cl, **kw) for v in variants for cl in (True, False)]
-    loader = bench_loader(data, crop, workers, batch=batch)
-    best = {}
-    for r in train:
-        if "error" not in r and r["vols_per_s"] > best.get(r["variant"], {}).get("vols_per_s", 0):
-            best[r["variant"]] = r
-    for r in train:
-        if "error" not in r: r["loader_keeps_up"] = loader["crops_per_s"] >= r["vols_per_s"]
-    fit = {b: _max_batch("all", crop, b, "bf16", data, channels, mid_channels, groups) for b in budgets}
-    model = build_model("all", channels=channels, mid_channels=mid_channels, groups=groups).cuda().eval()
-    infer = benchmark_inference(model, shape=(240, 240, 155), device="cuda", repeats=3, amp=True)
-    rate = {v: min(r["vols_per_s"], loader["crops_per_s"]) for v, r in best.items()}
-    projected = {v: n_cases * epochs / r / 3600 for v, r in rate.items()}
-    return dict(train=train, loader=loader, max_batch=fit, inference=infer, projected_hours=projected)
+# %% ../nbs/13_bench.ipynb #ac2d84ab
+def _gpu_sizes(variants, steps, workers, quick, device):
+    "The arms, memory orders, timed steps and loader workers of a GPU check (fewer with `quick`)."
+    cls = (True,) if quick else (True, False)
+    if quick: variants = tuple(v for v in variants if v in ("dmfnet", "all")) or tuple(variants[:1])
+    workers = (min(8, os.cpu_count() or 1) if device == "cuda" else 0) if workers is None else workers
+    return variants, cls, (min(steps, 2) if quick else steps), workers
 
-# %% ../nbs/13_bench.ipynb #c232fd92
-def format_bench_gpu(res):
-    "The tables of `bench_gpu` as text."
-    out = [f"training, {res['train'][0].get('crop', '?')}³ crops, bf16, cache pipeline (augmentation on the GPU)",
-           format_table(res["train"], [c for c in ("variant", "channels_last", "batch", "vols_per_s", "step_s",
-                                                   "data_s", "compute_s", "peak_gib", "loader_keeps_up", "error")
-                                       if any(c in r for r in res["train"])]),
-           f"\nloader: {res['loader']['crops_per_s']:.1f} crops/s with {res['loader']['workers']} workers",
-           "largest batch of 'all' (GiB: batch): " + ", ".join(f"{b}: {n}" for b, n in res["max_batch"].items()),
-           "\nwhole-volume inference, 240x240x155", format_table(res["inference"], list(res["inference"][0].keys())),
-           "\nprojected time of the 500-epoch recipe (hours): "
-           + ", ".join(f"{v} {h:.2f}" for v, h in res["projected_hours"].items())]
-    return "\n".join(out)
+def _card_gib(device):
+    return torch.cuda.get_device_properties(device).total_memory / 2**30 if device == "cuda" else 0.0
+
+# %% ../nbs/13_bench.ipynb #3139c752
+def _train_rows(variants, cls, kw):
+    "One row per arm and memory order (each in a fresh process), as each completes."
+    for v in variants:
+        for cl in cls:
+            yield dict(table="train", **_bench_subprocess(variant=v, channels_last=cl, **kw))
+
+def _fit_rows(budgets, kw, widths, device):
+    "Per card size: the planner's largest batch of `all`, confirmed by one step where this card is that large."
+    from brats_nb.memory import largest_batch
+    for b in budgets:
+        planned = largest_batch("all", b, kw["crop"], "bf16", **widths)
+        row = dict(table="fit", card_gb=b, planner_batch=planned)
+        if device == "cuda" and planned and _card_gib(device) >= 0.98 * b:
+            r = _bench_subprocess(variant="all", channels_last=True, **{**kw, "batch": planned, "steps": 1})
+            row.update(measured_peak_gib=r.get("peak_gib"), error=r.get("error"))
+        yield row
+
+# %% ../nbs/13_bench.ipynb #f39d2af9
+def _inference_rows(widths, shape, device, repeats):
+    model = build_model("all", **widths).to(device).eval()
+    for tta in (False, True):
+        try:
+            rows = benchmark_inference(model, shape=shape, device=device, repeats=repeats, tta=(tta,),
+                                       amp=device == "cuda")
+            yield dict(table="inference", **rows[0])
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            yield dict(table="inference", shape="x".join(map(str, shape)), tta="8 flips" if tta else "none",
+                       error=f"out of memory ({str(e).splitlines()[0][:80]})")
+
+# %% ../nbs/13_bench.ipynb #b202f1c3
+def bench_gpu(variants=("dmfnet", "mie", "sie", "bsc", "all"), crop=128, batch=8, steps=5, data="", workers=None,
+              budgets=(16, 24, 80), epochs=500, n_cases=285, channels=32, mid_channels=128, groups=16,
+              device="cuda", quick=False, shape=(240, 240, 155)):
+    """The instructor's GPU check, row by row (dicts with a `table` field): training volumes/s per arm (bf16,
+    channels-last on and off; cache pipeline, augmentation on the device), the loader's crops/s, the largest batch per
+    card, whole-volume inference with and without TTA, the projected hours of the recipe. Writes only to a temporary
+    folder. `device="cpu"`: a dry run at the sizes given."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BratsError("`brats-nb bench gpu` needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "`brats-nb bench gpu --device cpu --quick` is its dry run, `brats-nb bench train` the CPU's")
+    variants, cls, steps, workers = _gpu_sizes(variants, steps, workers, quick, device)
+    widths = dict(channels=channels, mid_channels=mid_channels, groups=groups)
+    with tempfile.TemporaryDirectory(prefix="brats_nb_bench_") as tmp:
+        kw = dict(crop=crop, batch=batch, steps=steps, device=device, workers=workers, data=data, amp="bf16",
+                  pipeline="cache", cache_dir=str(Path(tmp) / "cache"), max_cases=2 if quick else 0, **widths)
+        best = {}
+        for r in _train_rows(variants, cls, kw):
+            if "error" not in r and r["vols_per_s"] > best.get(r["variant"], 0): best[r["variant"]] = r["vols_per_s"]
+            yield r
+        loader = bench_loader(data, crop, workers, batches=2 if quick else 6, batch=batch, cache_dir=kw["cache_dir"],
+                              max_cases=kw["max_cases"])
+        yield dict(table="loader", **loader)
+        yield from _fit_rows(budgets, kw, widths, device)
+        yield from _inference_rows(widths, shape, device, 1 if quick else 3)
+    for v, rate in best.items():
+        r = min(rate, loader["crops_per_s"])
+        yield dict(table="projected", variant=v, volumes_per_s=r, loader_keeps_up=loader["crops_per_s"] >= rate,
+                   hours=n_cases * epochs / r / 3600)
+
+# %% ../nbs/13_bench.ipynb #b57e084f
+_GPU_COLS = {"train": ("variant", "channels_last", "batch", "vols_per_s", "step_s", "data_s", "compute_s", "peak_gib",
+                       "reserved_gib", "error"),
+             "loader": ("workers", "crop", "crops_per_s"),
+             "fit": ("card_gb", "planner_batch", "measured_peak_gib", "error"),
+             "inference": ("shape", "tta", "median_s", "error"),
+             "projected": ("variant", "volumes_per_s", "loader_keeps_up", "hours")}
+
+def format_gpu_row(row):
+    "One row of `bench_gpu` as `table: key value, ...` (numbers rounded)."
+    def show(v): return f"{v:.3g}" if isinstance(v, float) else str(v)
+    cols = [c for c in _GPU_COLS[row["table"]] if row.get(c) is not None]
+    return f"{row['table']:>9s}: " + ", ".join(f"{c} {show(row[c])}" for c in cols)
 
 # %% ../nbs/13_bench.ipynb #b346b7a5
 def add_gpu_bench_cli(bsub):
@@ -380,19 +427,35 @@ def add_gpu_bench_cli(bsub):
     p = bsub.add_parser("gpu",
                         help="the instructor's GPU check (training per arm, loader, memory, inference, projected time)",
                         description="Run on one GPU in a few minutes: training volumes/s per arm (bf16, channels-last "
-                                    "on/off), the loader's crops/s, the largest batch for 16/24/80 GB, inference with "
-                                    "and without TTA, and the projected time of the paper's 500-epoch recipe.")
+                                    "on/off), the loader's crops/s, the largest batch per card, inference with "
+                                    "and without TTA, and the projected time of the paper's 500-epoch recipe. Each "
+                                    "row is printed as it is measured; nothing is written outside a temporary folder "
+                                    "(and --json). --quick: two arms, a few minutes; --device cpu: a dry run.")
     p.add_argument("--variants", nargs="+", default=["dmfnet", "mie", "sie", "bsc", "all"], choices=list(ARMS))
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--data", default="", help="BraTS folder (default: the bundled samples)")
-    p.add_argument("--json", default=None, help="also write the tables as JSON")
+    p.add_argument("--quick", action="store_true", help="dmfnet and all, channels-last only, 2 steps, 2 cases")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run (use tiny sizes)")
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--mid-channels", type=int, default=128)
+    p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--cards", type=int, nargs="+", default=[16, 24, 80], help="card sizes (GB) for the largest batch")
+    p.add_argument("--volume", type=int, nargs=3, default=[240, 240, 155], help="the inference volume")
+    p.add_argument("--json", default=None, help="also write the rows as JSON lines, each as it is measured")
     def run(a):
-        res = bench_gpu(a.variants, a.crop, a.batch, a.steps, a.data, a.workers)
-        print(format_bench_gpu(res))
-        if a.json: Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+        rows = bench_gpu(a.variants, a.crop, a.batch, a.steps, a.data, a.workers, tuple(a.cards), channels=a.channels,
+                         mid_channels=a.mid_channels, groups=a.groups, device=a.device, quick=a.quick,
+                         shape=tuple(a.volume))
+        out = open(a.json, "a") if a.json else None
+        try:
+            for r in rows:
+                print(format_gpu_row(r), flush=True)
+                if out: out.write(json.dumps(r, default=str) + "\n"); out.flush()
+        finally:
+            if out: out.close()
     p.set_defaults(func=run)
 
 # %% ../nbs/13_bench.ipynb #5618ac5b

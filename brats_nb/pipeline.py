@@ -507,7 +507,7 @@ def __getitem__(self: CachedDataset, idx):
     pad = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2)            # as SpatialPadd
            for s, n in zip(self.crop_size, shape)]
     def take(arr, dtype):
-        out = np.asarray(arr[(slice(None), *box)] if arr.ndim == 4 else arr[box], dtype=dtype)
+        out = np.array(arr[(slice(None), *box)] if arr.ndim == 4 else arr[box], dtype=dtype)   # a copy, writable
         return np.pad(out, ([(0, 0)] if out.ndim == 4 else []) + pad) if any(p != (0, 0) for p in pad) else out
     wide = self.augment                      # augmented here: float32/int64; else as cached, widened on the device
     res = dict(image=torch.from_numpy(take(a["image"], np.float32 if wide else a["image"].dtype)),

@@ -188,3 +188,21 @@ def test_a_cache_of_400_cases_trains_under_256_file_descriptors(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "many")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == "400"
+
+
+def test_bench_gpu_dry_run_prints_every_row_and_writes_nothing_outside(tmp_path, monkeypatch, capsys):
+    """Issue 23, item 3: `brats-nb bench gpu --device cpu` at tiny sizes executes every line of the GPU check: each row
+    is printed as it is measured (training, loader, fit, inference, projected), JSON lines are written as they come,
+    and nothing is written outside a temporary folder (the cache goes there, not to $BRATS_NB_CACHE)."""
+    import json
+    from brats_nb.cli import main
+    monkeypatch.setenv("BRATS_NB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "rows.jsonl"
+    assert main(["bench", "gpu", "--device", "cpu", "--quick", "--crop", "32", "--batch", "2", "--channels", "8",
+                 "--mid-channels", "16", "--groups", "4", "--volume", "32", "32", "32", "--cards", "1", "2",
+                 "--json", str(out)]) in (0, None)
+    lines = capsys.readouterr().out.splitlines()
+    tables = [json.loads(line)["table"] for line in out.read_text().splitlines()]
+    assert tables == ["train", "train", "loader", "fit", "fit", "inference", "inference", "projected", "projected"]
+    assert len([line for line in lines if ": " in line]) == len(tables)
+    assert not (tmp_path / "cache").exists()
