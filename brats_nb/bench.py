@@ -26,6 +26,7 @@ from .model import ARMS, VARIANTS, build_model, check_variant, conv_macs, count_
 from .pipeline import BratsDataset, CachedDataset, augment_batch, cache_case, preprocess_case
 from .losses import BratsLoss
 from .inference import benchmark_inference
+from .memory import largest_batch
 from .trainer import TrainConfig, amp_setup, train_step
 
 # %% auto #0
@@ -355,7 +356,6 @@ def _train_rows(variants, cls, kw):
 
 def _fit_rows(budgets, kw, widths, device):
     "Per card size: the planner's largest batch of `all`, confirmed by one step where this card is that large."
-    from brats_nb.memory import largest_batch
     for b in budgets:
         planned = largest_batch("all", b, kw["crop"], "bf16", **widths)
         row = dict(table="fit", card_gb=b, planner_batch=planned)
@@ -453,7 +453,9 @@ def add_gpu_bench_cli(bsub):
         try:
             for r in rows:
                 print(format_gpu_row(r), flush=True)
-                if out: out.write(json.dumps(r, default=str) + "\n"); out.flush()
+                if out:
+                    out.write(json.dumps(r, default=str) + "\n")
+                    out.flush()
         finally:
             if out: out.close()
     p.set_defaults(func=run)

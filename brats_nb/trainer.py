@@ -43,14 +43,15 @@ __all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'LOSS_KEYS',
            'torchrun_command', 'train_torchrun', 'add_cli']
 
 # %% ../nbs/09_trainer.ipynb #46b5effc
+# long cell: one dataclass; its fields are read together, in named groups (a CLI option each: --crop-size ...)
 @dataclass
 class TrainConfig:
-    # long cell: one dataclass; its fields are read together, in named groups (a CLI option each: --crop-size ...)
     "Everything a training run depends on. Defaults: the paper's recipe (Zhu et al. 2024, on DMFNet's)."
     # -- the data
     data: str = ""              # a BraTS folder; empty: the bundled samples
     out: str = "runs/brats_nb"  # run folder: config.json, metrics.csv, latest.pt, best.pt
-    convention: str = ""        # label convention of the data ('': read from the first case); sets the network's classes (RC, CC: one more)
+    convention: str = ""        # label convention of the data ('': read from the first case); sets the network's
+                                # classes (RC, CC: one more)
     max_cases: int = 0          # use only the first N cases (0: all); for quick trials
     # -- the model
     variant: str = "all"        # ablation arm: dmfnet, mie, sie, bsc, all
@@ -77,24 +78,31 @@ class TrainConfig:
     crop_size: int = 128        # training crop edge, voxels
     samples_per_case: int = 1   # crops drawn from each training case per epoch
     fg_fraction: float = 0.0    # share of training crops centred on a tumour voxel (not in the paper; CPU preset 0.5)
-    fg_balance: str = "tumour"  # tumour-centred crops centre on any tumour voxel, or (class) on a class drawn uniformly among the case's (laptop preset; cache only)
+    fg_balance: str = "tumour"  # tumour-centred crops centre on any tumour voxel, or (class) on a class drawn
+                                # uniformly among the case's (laptop preset; cache only)
     cache: bool = False         # keep normalised cases in memory (small data sets)
-    cache_dir: str = ""         # training cache: '' reads the NIfTI files per crop; 'auto' $BRATS_NB_CACHE/train (or ~/.cache/brats_nb/train); a folder
-    spacing: float = 0.0        # training resolution in mm: 0 the data's own; > 0 the cache holds copies resampled to it, and prediction goes through one (laptop preset 2)
-    augment_on: str = "loader"  # where the augmentation runs: loader (MONAI, per crop, in the loader processes) or device (augment_batch, per batch)
+    cache_dir: str = ""         # training cache: '' reads the NIfTI files per crop; 'auto' $BRATS_NB_CACHE/train
+                                # (or ~/.cache/brats_nb/train); a folder
+    spacing: float = 0.0        # training resolution in mm: 0 the data's own; > 0 the cache holds copies resampled
+                                # to it, and prediction goes through one (laptop preset 2)
+    augment_on: str = "loader"  # where the augmentation runs: loader (MONAI, per crop, in the loader processes)
+                                # or device (augment_batch, per batch)
     workers: int = 4            # data loading processes per training process
     keypoint_n: str = "300,200,100"  # BSC key points per region (WT,TC,ET; one value: all three); part of the cache key
     keypoint_t: int = 100             # BSC: random candidate sets per region
     keypoint_radius: str = "2,1,1"   # BSC: ball radius per region (voxels)
     keypoint_seed: int = 0            # BSC: seed of the key point draws
     # -- validation
-    val_data: str = ""          # validation cases: empty, a seeded split of `data`; a folder; or 'heldout' (samples only)
+    val_data: str = ""          # validation cases: empty, a seeded split of `data`; a folder; or 'heldout'
+                                # (samples only)
     val_fraction: float = 0.2   # share of the cases held out for validation (by a seeded split)
     val_every: int = 1          # validate every N epochs (and after the last); 0: never during training
-    val_window: str = "auto"    # validation: auto (sliding windows of crop_size for group/instance norm), whole, sliding
+    val_window: str = "auto"    # validation: auto (sliding windows of crop_size for group/instance norm), whole,
+                                # sliding
     val_tta: bool = False       # validation with 8-flip test-time augmentation
     # -- prediction with the trained model
-    et_threshold: int = 500     # prediction (`brats-nb predict` of this run): fewer ET voxels than this become NCR (the paper's 500; laptop: cross-validated)
+    et_threshold: int = 500     # prediction (`brats-nb predict` of this run): fewer ET voxels than this become NCR
+                                # (the paper's 500; laptop: cross-validated)
     need_core: bool = False     # prediction: drop tumour components that hold no core voxel (NCR or ET)
     # -- the runtime
     amp: str = "auto"           # auto (bf16 where supported, else fp16 with a scaler; none on CPU), bf16, fp16, none
@@ -120,7 +128,8 @@ class TrainConfig:
         def values(s):
             v = [float(x) for x in str(s).replace(",", " ").split()]
             return v[0] if len(v) == 1 else tuple(v)
-        try: return KeypointSettings(values(self.keypoint_n), self.keypoint_t, values(self.keypoint_radius), self.keypoint_seed)
+        try: return KeypointSettings(values(self.keypoint_n), self.keypoint_t, values(self.keypoint_radius),
+                                     self.keypoint_seed)
         except (BratsError, ValueError) as e:
             raise BratsError(f"keypoint_n {self.keypoint_n!r}, keypoint_t {self.keypoint_t}, keypoint_radius "
                              f"{self.keypoint_radius!r}: {e}") from None
@@ -131,25 +140,34 @@ def check(self: TrainConfig):
     "Raise a BratsError for an impossible configuration; returns self."
     if self.variant not in ARMS: raise BratsError(f"unknown variant {self.variant!r}; use one of {list(ARMS)}")
     if self.crop_size % 16: raise BratsError(f"crop_size {self.crop_size} must be a multiple of 16")
-    if self.amp not in ("auto", "bf16", "fp16", "none"): raise BratsError(f"amp {self.amp!r}: use auto, bf16, fp16 or none")
-    if self.channels_last not in ("auto", "on", "off"): raise BratsError(f"channels_last {self.channels_last!r}: use auto, on or off")
+    if self.amp not in ("auto", "bf16", "fp16", "none"):
+        raise BratsError(f"amp {self.amp!r}: use auto, bf16, fp16 or none")
+    if self.channels_last not in ("auto", "on", "off"):
+        raise BratsError(f"channels_last {self.channels_last!r}: use auto, on or off")
     if self.epochs < 1 or self.batch_size < 1: raise BratsError("epochs and batch_size must be at least 1")
-    for name, value, allowed in (("init", self.init, ("kaiming", "default")), ("gdl_weights", self.gdl_weights, ("batch", "sample")),
+    for name, value, allowed in (("init", self.init, ("kaiming", "default")),
+                                 ("gdl_weights", self.gdl_weights, ("batch", "sample")),
                                  ("val_window", self.val_window, ("auto", "whole", "sliding"))):
         if value not in allowed: raise BratsError(f"{name} {value!r}: use one of {', '.join(allowed)}")
     if not 0 <= self.fg_fraction <= 1: raise BratsError(f"fg_fraction {self.fg_fraction} must be in [0, 1]")
     if min(self.ce_weight, self.bsc_weight, self.bsc_warmup, self.val_every, self.threads) < 0:
         raise BratsError("ce_weight, bsc_weight, bsc_warmup, val_every and threads must be >= 0")
-    if self.val_data == "heldout" and self.data: raise BratsError("val_data 'heldout' is the held-out set of the bundled samples; "
-                                                                  f"with data {self.data!r} give a folder or leave it empty")
-    check_norm(self.norm); self.mie_norm == "same" or check_norm(self.mie_norm)
+    if self.val_data == "heldout" and self.data:
+        raise BratsError("val_data 'heldout' is the held-out set of the bundled samples; "
+                         f"with data {self.data!r} give a folder or leave it empty")
+    check_norm(self.norm)
+    self.mie_norm == "same" or check_norm(self.mie_norm)
     if self.convention: n_classes(self.convention)          # known, and trainable
-    if self.augment_on not in ("loader", "device"): raise BratsError(f"augment_on {self.augment_on!r}: use loader or device")
+    if self.augment_on not in ("loader", "device"):
+        raise BratsError(f"augment_on {self.augment_on!r}: use loader or device")
     if self.et_threshold < 0: raise BratsError(f"et_threshold {self.et_threshold} must be >= 0 (0: no ET rule)")
-    if not self.spacing >= 0: raise BratsError(f"spacing {self.spacing} must be >= 0 mm (0: the data's own resolution)")
-    if self.fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {self.fg_balance!r}: use tumour or class")
+    if not self.spacing >= 0:
+        raise BratsError(f"spacing {self.spacing} must be >= 0 mm (0: the data's own resolution)")
+    if self.fg_balance not in ("tumour", "class"):
+        raise BratsError(f"fg_balance {self.fg_balance!r}: use tumour or class")
     if (self.spacing or self.fg_balance == "class") and not self.cache_dir:
-        raise BratsError("spacing and fg_balance 'class' work on the training cache: set cache_dir ('auto' or a folder)")
+        raise BratsError("spacing and fg_balance 'class' work on the training cache: "
+                         "set cache_dir ('auto' or a folder)")
     self.keypoints                                          # valid key point settings
     return self
 
@@ -158,7 +176,8 @@ def check(self: TrainConfig):
 def val_protocol(self: TrainConfig):
     """How validation predicts and scores (see `08_inference`). A model with group or instance norm is judged on
     sliding windows of its training crop size (the statistics it was trained with), one with batch norm whole."""
-    sliding = self.val_window == "sliding" or (self.val_window == "auto" and check_norm(self.norm) in ("group", "instance"))
+    sliding = self.val_window == "sliding" or (self.val_window == "auto"
+                                               and check_norm(self.norm) in ("group", "instance"))
     return EvalProtocol(sliding_window=sliding, roi_size=self.crop_size, tta=self.val_tta, spacing=self.spacing)
 
 @patch
@@ -178,19 +197,23 @@ def from_dict(cls: TrainConfig, d):
 @patch(cls_method=True)
 def from_file(cls: TrainConfig, path):
     try: d = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e: raise BratsError(f"{path}: not a readable JSON configuration ({e})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise BratsError(f"{path}: not a readable JSON configuration ({e})") from None
     return cls.from_dict(d)
 
 # %% ../nbs/09_trainer.ipynb #25046ca5
 PRESETS = {
     "paper": dict(cache_dir="auto", augment_on="device"),   # the data pipeline that keeps a GPU busy (same recipe)
-    "cpu": dict(channels=8, mid_channels=16, groups=4, norm="group", crop_size=64, batch_size=1, epochs=24, workers=0, cache=True,
-                samples_per_case=2, lr=3e-3, val_every=12, ce_weight=1.0, fg_fraction=0.5, bsc_warmup=5, mie_residual=True),
+    "cpu": dict(channels=8, mid_channels=16, groups=4, norm="group", crop_size=64, batch_size=1, epochs=24, workers=0,
+                cache=True, samples_per_case=2, lr=3e-3, val_every=12, ce_weight=1.0, fg_fraction=0.5, bsc_warmup=5,
+                mie_residual=True),
 }
-# real full-resolution BraTS on a laptop: the CPU recipe on a 2 mm training cache, more crops, class-balanced tumour crops
-PRESETS["laptop"] = dict(PRESETS["cpu"], spacing=2.0, cache_dir="auto", augment_on="loader", batch_size=2, samples_per_case=12,
-                         epochs=15, val_every=15, fg_balance="class", bsc_warmup=3,
-                         et_threshold=0, need_core=True)   # the prediction rules chosen by cross-validation (tests/bench_real_cv.py)
+# real full-resolution BraTS on a laptop: the CPU recipe on a 2 mm training cache, more crops,
+# class-balanced tumour crops
+PRESETS["laptop"] = dict(PRESETS["cpu"], spacing=2.0, cache_dir="auto", augment_on="loader", batch_size=2,
+                         samples_per_case=12, epochs=15, val_every=15, fg_balance="class", bsc_warmup=3,
+                         # the prediction rules chosen by cross-validation (tests/bench_real_cv.py)
+                         et_threshold=0, need_core=True)
 
 def preset(name="paper", **overrides):
     "A `TrainConfig` from a named preset with some fields changed."
@@ -233,10 +256,12 @@ def run_device(cfg, d: Dist):
 
 # %% ../nbs/09_trainer.ipynb #2e4c33c1
 def rank_batch(batch_size, world):
-    "Crops per step of each of `world` processes: the global `batch_size` split evenly (a BratsError when it does not divide)."
+    """Crops per step of each of `world` processes: the global `batch_size` split evenly (a BratsError when it does
+    not divide)."""
     if batch_size % world:
-        raise BratsError(f"batch_size {batch_size} is the global batch (crops per step over all processes) and does not divide "
-                         f"among {world} processes; use a multiple of {world}, or another number of processes")
+        raise BratsError(f"batch_size {batch_size} is the global batch (crops per step over all processes) and does "
+                         f"not divide among {world} processes; use a multiple of {world}, or another number of "
+                         "processes")
     return batch_size // world
 
 # %% ../nbs/09_trainer.ipynb #917b1870
@@ -252,7 +277,8 @@ class EpochSampler(torch.utils.data.Sampler):
         idx = torch.randperm(self.n, generator=g).tolist()
         idx += idx[: self.per_rank * self.world - self.n]
         return idx[self.rank :: self.world][self.skip :]
-    def __iter__(self): return iter([self.epoch * self.n + i for i in self.indices()])   # the epoch travels with the index (persistent workers)
+    # the epoch travels with the index (persistent workers)
+    def __iter__(self): return iter([self.epoch * self.n + i for i in self.indices()])
     def __len__(self): return max(0, self.per_rank - self.skip)
 
 # %% ../nbs/09_trainer.ipynb #1fb8d923
@@ -260,8 +286,10 @@ def split_cases(cases, val_fraction=0.2, seed=0):
     "A seeded split of the cases into (train, validation) lists; at least one of each when there are two or more."
     cases = sorted(cases)
     rng = random.Random(seed)
-    order = cases[:]; rng.shuffle(order)
-    n_val = min(max(1, round(len(cases) * val_fraction)), len(cases) - 1) if len(cases) > 1 and val_fraction > 0 else 0
+    order = cases[:]
+    rng.shuffle(order)
+    n_val = (min(max(1, round(len(cases) * val_fraction)), len(cases) - 1) if len(cases) > 1 and val_fraction > 0
+             else 0)
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 def config_cases(cfg):
@@ -278,7 +306,8 @@ def _rng_state():
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, pystate, pygauss = random.getstate()
     st = {"torch": torch.get_rng_state(),
-          "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+          "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                    "gauss": float(gauss)},
           "python": {"version": version, "state": torch.tensor(pystate, dtype=torch.int64), "gauss": pygauss}}
     if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -289,7 +318,8 @@ def _set_rng_state(st):
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = st["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
-    if "cuda" in st and torch.cuda.is_available():   # a run resumed on fewer GPUs than it saved (8 -> 4, or one ablation job)
+    # a run resumed on fewer GPUs than it saved (8 -> 4, or one ablation job)
+    if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(st["cuda"])[:torch.cuda.device_count()])
 
 # %% ../nbs/09_trainer.ipynb #77057a8f
@@ -308,35 +338,47 @@ def train_step(net, batch, loss_fn, opt=None, device="cpu", amp=None, scaler=Non
     """One optimisation step on `batch` (dict: `image`, `label`, optional `keypoints`): forward in autocast `amp`
     (a dtype or None), `loss_fn(logits, label, keypoints)` -> (total, parts), backward, `opt` step (skipped when None).
     Returns the loss parts; `times` (a dict) receives forward_s and backward_s."""
-    x = batch["image"].to(device, non_blocking=True); y = batch["label"].to(device, non_blocking=True)
+    x = batch["image"].to(device, non_blocking=True)
+    y = batch["label"].to(device, non_blocking=True)
     kp = batch["keypoints"].to(device, non_blocking=True) if "keypoints" in batch else None
-    if times is not None: _sync(device); t0 = time.perf_counter()
+    if times is not None:
+        _sync(device)
+        t0 = time.perf_counter()
     with autocast(device, amp): logits = net(x)
     total, parts = loss_fn(logits.float(), y, kp)
-    if times is not None: _sync(device); t1 = time.perf_counter()
+    if times is not None:
+        _sync(device)
+        t1 = time.perf_counter()
     if opt is not None: opt.zero_grad(set_to_none=True)
     (scaler.scale(total) if scaler is not None else total).backward()
-    if times is not None: _sync(device); times.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
+    if times is not None:
+        _sync(device)
+        times.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1)
     if opt is not None:
-        if scaler is not None: scaler.step(opt); scaler.update()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
         else: opt.step()
     return parts
 
 # %% ../nbs/09_trainer.ipynb #df2094ca
-STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s))   # Windows has no SIGUSR1
+# Windows has no SIGUSR1
+STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s))
 
 class StopRequest:
-    """A request to stop at the next step boundary: one of `STOP_SIGNALS` received while it is installed (`with stop:`),
-    or the file `file` (default: $BRATS_NB_STOP_FILE) present."""
+    """A request to stop at the next step boundary: one of `STOP_SIGNALS` received while it is installed
+    (`with stop:`), or the file `file` (default: $BRATS_NB_STOP_FILE) present."""
     def __init__(self, file=None):
         self.file, self.signum, self._old = file or os.environ.get("BRATS_NB_STOP_FILE") or None, None, {}
     def _handler(self, signum, frame): self.signum = signum
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():   # Python runs signal handlers in the main thread only
+        # Python runs signal handlers in the main thread only
+        if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
         return self
     def __exit__(self, *exc):
-        for s, h in self._old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)   # None: a handler not set from Python
+        for s, h in self._old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)   # None: a handler not set from Python
         self._old = {}
     def requested(self):
         "Whether this process was asked to stop."
@@ -353,8 +395,8 @@ class StopRequest:
         return "the stop file" if self.file and os.path.exists(self.file) else "another process of the run"
 
 # %% ../nbs/09_trainer.ipynb #e3667013
-LOG_FIELDS = ["epoch", "lr", "loss", "gdl", "ce", "bsc", "val_WT", "val_TC", "val_ET", "val_mean", "epoch_s", "data_s", "compute_s",
-              "world", "threads"]
+LOG_FIELDS = ["epoch", "lr", "loss", "gdl", "ce", "bsc", "val_WT", "val_TC", "val_ET", "val_mean", "epoch_s", "data_s",
+              "compute_s", "world", "threads"]
 
 def _log_row(path, row):
     new = not path.exists()
@@ -368,7 +410,8 @@ def read_log(run_dir):
     p = Path(run_dir) / "metrics.csv"
     if not p.exists(): return []
     with open(p) as f:
-        return [{k: (float(v) if v not in ("", None) else float("nan")) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: (float(v) if v not in ("", None) else float("nan")) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 # %% ../nbs/09_trainer.ipynb #9421a3aa
 def _tensorboard(out):
@@ -382,14 +425,48 @@ def _tensorboard(out):
 @dataclass
 class Run:
     "What a training run holds between its steps (made by `setup_run`)."
-    cfg: TrainConfig; d: Dist; device: torch.device; out: Path; train_cases: list; val_cases: list
-    ds: BratsDataset; sampler: EpochSampler; loader_kw: dict; model: torch.nn.Module; net: torch.nn.Module
-    opt: torch.optim.Optimizer; sched: object; amp: object; scaler: object; amp_name: str; loss_fn: BratsLoss
-    threads: ThreadGovernor | None = None; start: int = 0; best: float = -1.0
-    convention: str = "brats2017"; model_kwargs: dict | None = None   # the classes the network learns, and its configuration
-    partial: dict | None = None    # an epoch stopped part-way, to continue (`restore_run`): its steps done, this rank's sums and times
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    out: Path
+    train_cases: list
+    val_cases: list
+    ds: BratsDataset
+    sampler: EpochSampler
+    loader_kw: dict
+    model: torch.nn.Module
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    amp: object
+    scaler: object
+    amp_name: str
+    loss_fn: BratsLoss
+    threads: ThreadGovernor | None = None
+    start: int = 0
+    best: float = -1.0
+    # the classes the network learns, and its configuration
+    convention: str = "brats2017"
+    model_kwargs: dict | None = None
+    # an epoch stopped part-way, to continue (`restore_run`): its steps done, this rank's sums and times
+    partial: dict | None = None
     loader: object = None          # the DataLoader, made at the first epoch and kept (its worker processes persist)
 
+# %% ../nbs/09_trainer.ipynb #fa34f111
+def _run_network(cfg: TrainConfig, d: Dist, device, mk):
+    "(model, net, optimiser, schedule) of a run: `net` is `model`, or its DDP wrapper when there are several processes."
+    model = build_model(**mk, init=cfg.init).to(device)
+    if use_channels_last(cfg.channels_last, device): model.channels_last()
+    if d.on and device.type == "cuda": model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids) if d.on else model
+    # fused: one kernel for all 500 tensors: 5x faster steps of the optimiser on a CPU
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad,
+                           fused=device.type in ("cpu", "cuda"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg.epochs, cfg.poly_power))
+    return model, net, opt, sched
+
+# %% ../nbs/09_trainer.ipynb #ccd0864b
 def setup_run(cfg: TrainConfig):
     "Device, process group, seeds, cases, key points, data, network, optimiser, schedule and loss of a run."
     cfg.check()
@@ -399,55 +476,62 @@ def setup_run(cfg: TrainConfig):
     device = run_device(cfg, d)
     threads = ThreadGovernor(cfg.threads) if device.type == "cpu" else None
     if threads: threads.update()
-    torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
     if device.type == "cuda": torch.backends.cudnn.benchmark = True
     train_cases, val_cases = config_cases(cfg)
-    conv = label_convention_of(train_cases[0], cfg.convention or None)   # the network's classes follow the labels' convention
+    # the network's classes follow the labels' convention
+    conv = label_convention_of(train_cases[0], cfg.convention or None)
     k = n_classes(conv)
-    ds = training_dataset(train_cases, cfg.crop_size, cache_dir=cfg.cache_dir, keypoints=cfg.keypoints, bsc=cfg.uses_bsc,
-                          convention=cfg.convention or None, spacing=cfg.spacing, n_classes=k, seed=cfg.seed,
-                          samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction, fg_balance=cfg.fg_balance,
-                          augment=cfg.augment_on == "loader", cache=cfg.cache, main=d.main, barrier=dist.barrier if d.on else None)
+    ds = training_dataset(train_cases, cfg.crop_size, cache_dir=cfg.cache_dir, keypoints=cfg.keypoints,
+                          bsc=cfg.uses_bsc, convention=cfg.convention or None, spacing=cfg.spacing, n_classes=k,
+                          seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction,
+                          fg_balance=cfg.fg_balance,
+                          augment=cfg.augment_on == "loader", cache=cfg.cache, main=d.main,
+                          barrier=dist.barrier if d.on else None)
     sampler = EpochSampler(len(ds), cfg.seed, d.rank, d.world)
-    loader_kw = dict(batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False, pin_memory=device.type == "cuda",
+    loader_kw = dict(batch_size=per_rank, sampler=sampler, num_workers=cfg.workers, drop_last=False,
+                     pin_memory=device.type == "cuda",
                      **(dict(prefetch_factor=2, persistent_workers=True) if cfg.workers > 0 else {}))
     mk = cfg.model_kwargs(out_channels=1 + k)
-    model = build_model(**mk, init=cfg.init).to(device)
-    if use_channels_last(cfg.channels_last, device): model.channels_last()
-    if d.on and device.type == "cuda": model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.on else model
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad,
-                           fused=device.type in ("cpu", "cuda"))   # one kernel for all 500 tensors: 5x faster steps of the optimiser on a CPU
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg.epochs, cfg.poly_power))
+    model, net, opt, sched = _run_network(cfg, d, device, mk)
     amp, scaler, amp_name = amp_setup(cfg, device)
-    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0, gdl_weights=cfg.gdl_weights, ce_weight=cfg.ce_weight,
-                        regions=class_regions(conv))
-    loss_fn.sync = device.type != "cuda"                           # on a GPU the logged losses stay on it until the epoch ends
+    loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0, gdl_weights=cfg.gdl_weights,
+                        ce_weight=cfg.ce_weight, regions=class_regions(conv))
+    loss_fn.sync = device.type != "cuda"   # on a GPU the logged losses stay on it until the epoch ends
     return Run(cfg, d, device, Path(cfg.out), train_cases, val_cases, ds, sampler, loader_kw, model, net, opt, sched,
                amp, scaler, amp_name, loss_fn, threads, convention=conv, model_kwargs=mk)
 
 # %% ../nbs/09_trainer.ipynb #651b07f3
 def restore_run(run: Run, resume=False, quiet=False):
     """Continue from `latest.pt` of the run folder (`resume`), or refuse to overwrite a run that is there. A checkpoint
-    written at a stop inside an epoch (`step` > 0) continues that epoch at its next step, in as many processes as it had."""
+    written at a stop inside an epoch (`step` > 0) continues that epoch at its next step, in as many processes as it
+    had."""
     cfg, out = run.cfg, run.out
     if resume and (out / "latest.pt").exists():
         ck = read_checkpoint(out / "latest.pt")
-        if {"mie_residual": False, "mie_norm": "same", **ck["config"]["model"]} != run.model_kwargs or ck["config"]["variant"] != cfg.variant:
-            raise BratsError(f"{out / 'latest.pt'}: a {ck['config']['variant']!r} run with network {ck['config']['model']}; "
-                             f"cannot resume it as {cfg.variant!r} with {run.model_kwargs}")
-        run.model.load_state_dict(ck["model"]); run.opt.load_state_dict(ck["optimizer"]); run.sched.load_state_dict(ck["scheduler"])
+        if ({"mie_residual": False, "mie_norm": "same", **ck["config"]["model"]} != run.model_kwargs
+                or ck["config"]["variant"] != cfg.variant):
+            raise BratsError(f"{out / 'latest.pt'}: a {ck['config']['variant']!r} run with network "
+                             f"{ck['config']['model']}; cannot resume it as {cfg.variant!r} with {run.model_kwargs}")
+        run.model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
+        run.sched.load_state_dict(ck["scheduler"])
         if run.scaler is not None and ck.get("scaler"): run.scaler.load_state_dict(ck["scaler"])
         run.start, run.best = int(ck["epoch"]) + 1, float(ck["best"])
-        step = int(ck.get("step", 0))   # steps done in epoch `start`; checkpoints from before mid-epoch stops: 0, the end of an epoch
+        # steps done in epoch `start`; checkpoints from before mid-epoch stops: 0, the end of an epoch
+        step = int(ck.get("step", 0))
         if step:
             p, steps = ck["partial"], math.ceil(run.sampler.per_rank / run.loader_kw["batch_size"])
             if p["world"] != run.d.world:
-                raise BratsError(f"{out / 'latest.pt'}: stopped after step {step} of epoch {run.start + 1} in {p['world']} processes; "
-                                 f"resume it in {p['world']} processes (each holds its own share of the epoch), not {run.d.world}")
+                raise BratsError(f"{out / 'latest.pt'}: stopped after step {step} of epoch {run.start + 1} in "
+                                 f"{p['world']} processes; resume it in {p['world']} processes (each holds its own "
+                                 f"share of the epoch), not {run.d.world}")
             if p["steps"] != steps:
-                raise BratsError(f"{out / 'latest.pt'}: stopped after step {step} of an epoch of {p['steps']} steps; this configuration's "
-                                 f"epochs have {steps} (another batch_size, samples_per_case or set of cases)")
+                raise BratsError(f"{out / 'latest.pt'}: stopped after step {step} of an epoch of {p['steps']} steps; "
+                                 f"this configuration's epochs have {steps} (another batch_size, samples_per_case or "
+                                 "set of cases)")
             run.partial = dict(step=step, **p["ranks"][run.d.rank])
         _set_rng_state(ck["rng"])
         where = f"in epoch {run.start + 1} after step {step}" if step else f"after epoch {run.start}"
@@ -466,62 +550,97 @@ def run_state(run: Run, epoch, step=0, **extra):
                                           "convention": run.convention}, **extra)
 
 # %% ../nbs/09_trainer.ipynb #89f36ae3
+def _begin_epoch(run: Run, epoch, done):
+    """Point the Dataset, the sampler (this rank's crops after its first `done` steps) and the BSC warm-up at `epoch`,
+    and the network in training mode; returns the DataLoader, made at the first epoch and kept (its worker processes
+    persist)."""
+    run.ds.set_epoch(epoch)
+    run.sampler.set_epoch(epoch, skip=done * run.loader_kw["batch_size"])
+    if run.cfg.uses_bsc: run.loss_fn.bsc_weight = run.cfg.bsc_weight if epoch >= run.cfg.bsc_warmup else 0.0
+    if run.loader is None: run.loader = torch.utils.data.DataLoader(run.ds, **run.loader_kw)
+    run.net.train()
+    return run.loader
+
+# %% ../nbs/09_trainer.ipynb #a6a8ff01
+def _augment_on_device(run: Run, batch, epoch, step):
+    """`batch` with its image, label and key points moved to the training device and augmented there
+    (`augment_batch`), by a generator seeded by (seed, `epoch`, `step`, rank); its other keys are kept."""
+    seed = np.random.SeedSequence([run.cfg.seed, epoch, step, run.d.rank]).generate_state(1)[0]
+    g = torch.Generator().manual_seed(int(seed))
+    keys = [k for k in ("image", "label", "keypoints") if k in batch]
+    return {**batch, **augment_batch({k: batch[k].to(run.device, non_blocking=True) for k in keys}, g)}
+
+# %% ../nbs/09_trainer.ipynb #3ed30c49
 LOSS_KEYS = ("loss", "gdl", "ce", "bsc")
+
+def _stop_agreed(run: Run, stop, step, steps):
+    """Whether every rank of the run stops after `step` of the epoch's `steps`: `stop` (a `StopRequest` or None) asked
+    by a collective after each step on a CPU, every 8th on a GPU, never after the last step."""
+    if stop is None or step >= steps: return False   # after the last step the epoch ends anyway
+    check_every = 1 if run.device.type == "cpu" else 8   # a stop is agreed by a collective: not at every step on a GPU
+    return step % check_every == 0 and stop.agreed(run.d, run.device)
 
 def _stop_in_epoch(run: Run, epoch, step, steps, sums, times):
     "Every rank: gather the ranks' running sums and times; rank 0 writes `latest.pt` at this step of `epoch`."
     d = run.d
     mine = {"sums": [float(sums[k]) for k in LOSS_KEYS], "times": list(times)}
     ranks = [mine]
-    if d.on: ranks = [None] * d.world; dist.all_gather_object(ranks, mine)
-    if d.main: save_checkpoint(run.out / "latest.pt", **run_state(run, epoch - 1, step, partial=dict(world=d.world, steps=steps, ranks=ranks)))
+    if d.on:
+        ranks = [None] * d.world
+        dist.all_gather_object(ranks, mine)
+    if d.main:
+        partial = dict(world=d.world, steps=steps, ranks=ranks)
+        save_checkpoint(run.out / "latest.pt", **run_state(run, epoch - 1, step, partial=partial))
     if d.on: dist.barrier()   # no rank returns before the checkpoint is there
 
+# %% ../nbs/09_trainer.ipynb #9e48f3bd
+def _mean_over_ranks(run: Run, means):
+    """The epoch's mean losses `means` (a dict) averaged over the ranks: one all-reduce that every rank calls. Alone,
+    `means` as it is."""
+    if not run.d.on: return means
+    t = torch.tensor([means[k] for k in means], device=run.device)
+    dist.all_reduce(t)
+    t /= run.d.world
+    return dict(zip(means, t.tolist()))
+
+# %% ../nbs/09_trainer.ipynb #c9264d95
 def train_epoch(run: Run, epoch, quiet=False, stop=None):
     """One pass over the crops of `epoch`: a `train_step` each. Returns the log row (mean losses, times), or None when
-    `stop` (a `StopRequest`, asked after every step) ended the epoch early: then every rank stopped after the same step,
-    where rank 0 wrote `latest.pt`. A run restored from such a checkpoint (`run.partial`) continues at the next step."""
+    `stop` (a `StopRequest`, `_stop_agreed`) ended the epoch early: then every rank stopped after the same step, where
+    rank 0 wrote `latest.pt`. A run restored from such a checkpoint (`run.partial`) continues at the next step."""
     from tqdm.auto import tqdm
     d, device = run.d, run.device
     part, run.partial = run.partial, None
     done = part["step"] if part else 0
-    run.ds.set_epoch(epoch); run.sampler.set_epoch(epoch, skip=done * run.loader_kw["batch_size"])
-    if run.cfg.uses_bsc: run.loss_fn.bsc_weight = run.cfg.bsc_weight if epoch >= run.cfg.bsc_warmup else 0.0
-    if run.loader is None: run.loader = torch.utils.data.DataLoader(run.ds, **run.loader_kw)   # made once: its workers persist
-    loader = run.loader
-    on_device = run.cfg.augment_on == "device"
-    check_every = 1 if device.type == "cpu" else 8   # a stop is agreed by a collective: not at every step on a GPU
+    loader = _begin_epoch(run, epoch, done)
     steps = done + len(loader)   # of the whole epoch, the same on every rank
-    run.net.train()
     sums = dict(zip(LOSS_KEYS, part["sums"])) if part else dict.fromkeys(LOSS_KEYS, 0.0)
     spent, t_data, t_comp = part["times"] if part else (0.0, 0.0, 0.0)
     n, seen = done, []
-    t0 = time.perf_counter() - spent; tick = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", initial=done, total=steps, disable=quiet or not d.main, leave=False)
+    t0, tick = time.perf_counter() - spent, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", initial=done, total=steps,
+               disable=quiet or not d.main, leave=False)
     for batch in bar:
-        t1 = time.perf_counter(); t_data += t1 - tick
-        if on_device:   # the augmentation of this step, on the training device, seeded by (seed, epoch, step, rank)
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([run.cfg.seed, epoch, n, d.rank]).generate_state(1)[0]))
-            keys = [k for k in ("image", "label", "keypoints") if k in batch]
-            batch = {**batch, **augment_batch({k: batch[k].to(device, non_blocking=True) for k in keys}, g)}
+        t1 = time.perf_counter()
+        t_data += t1 - tick
+        if run.cfg.augment_on == "device": batch = _augment_on_device(run, batch, epoch, n)
         parts = train_step(run.net, batch, run.loss_fn, run.opt, device, run.amp, run.scaler)
         seen += list(batch["case"])
         for k in sums: sums[k] += parts.get(k if k != "loss" else "total", 0.0)
         n += 1
-        tick = time.perf_counter(); t_comp += tick - t1
+        tick = time.perf_counter()
+        t_comp += tick - t1
         if run.loss_fn.sync or n % 20 == 0: bar.set_postfix(loss=f"{float(parts['total']):.4f}")
-        if stop is not None and n < steps and n % check_every == 0 and stop.agreed(d, device):   # after the last step the epoch ends anyway
+        if _stop_agreed(run, stop, n, steps):
             bar.close()
             _stop_in_epoch(run, epoch, n, steps, sums, (time.perf_counter() - t0, t_data, t_comp))
             return None
     run.sched.step()
     if run.threads: run.threads.update()  # fewer threads when other processes took cores during the epoch
-    if not quiet: print(f"[rank {d.rank}/{d.world}] epoch {epoch + 1}: {n} steps on {len(seen)} crops: {','.join(sorted(set(seen)))}", flush=True)
-    means = {k: float(v) / max(n, 1) for k, v in sums.items()}
-    if d.on:  # average the logged losses over the ranks
-        t = torch.tensor([means[k] for k in sums], device=device)
-        dist.all_reduce(t); t /= d.world
-        means = dict(zip(sums, t.tolist()))
+    if not quiet:
+        print(f"[rank {d.rank}/{d.world}] epoch {epoch + 1}: {n} steps on {len(seen)} crops: "
+              f"{','.join(sorted(set(seen)))}", flush=True)
+    means = _mean_over_ranks(run, {k: float(v) / max(n, 1) for k, v in sums.items()})
     return {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"], **means, "epoch_s": time.perf_counter() - t0,
             "data_s": t_data, "compute_s": t_comp, "world": d.world, "threads": torch.get_num_threads()}
 
@@ -530,7 +649,8 @@ def validate(run: Run):
     """Score the run's network on its validation cases, shared by its processes: rank r predicts `cases[r::world]`.
     Every rank gets (rows in case order, means), the same as one process calling `evaluate_cases` on all of them."""
     cfg, d = run.cfg, run.d
-    if d.on:   # batch norm statistics: rank 0's, those of its checkpoint (DDP copies them to every rank at the next step anyway)
+    # batch norm statistics: rank 0's, those of its checkpoint (DDP copies them to every rank at the next step anyway)
+    if d.on:
         for b in run.model.buffers(): dist.broadcast(b, 0)
     mine = run.val_cases[d.rank :: d.world]
     rows = evaluate_cases(run.model, mine, cfg.val_protocol(), run.device, amp=run.amp is not None,
@@ -543,8 +663,8 @@ def validate(run: Run):
 
 # %% ../nbs/09_trainer.ipynb #a6701b21
 def finish_epoch(run: Run, epoch, row, tb=None, callbacks=()):
-    """Every rank after an epoch: validation when due (shared, `validate`); then rank 0 writes `latest.pt` (and `best.pt`
-    when validation improved) and the log, and calls the callbacks."""
+    """Every rank after an epoch: validation when due (shared, `validate`); then rank 0 writes `latest.pt` (and
+    `best.pt` when validation improved) and the log, and calls the callbacks."""
     cfg, out = run.cfg, run.out
     if run.val_cases and cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
         _, v = validate(run)
@@ -567,7 +687,8 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False, stop=None):
     `stop`: a `StopRequest` (default: SIGTERM, SIGUSR1 or the file $BRATS_NB_STOP_FILE); when it comes the run stops
     after the step that is running, with `latest.pt` written there, and the summary's `stopped` says why."""
     stop = StopRequest() if stop is None else stop
-    check_apart(cfg.out, [cfg.data or None, cfg.val_data if cfg.val_data not in ("", "heldout") else None], "the run folder (out)")
+    check_apart(cfg.out, [cfg.data or None, cfg.val_data if cfg.val_data not in ("", "heldout") else None],
+                "the run folder (out)")
     with stop:   # from here on SIGTERM and SIGUSR1 ask for a stop instead of ending the process
         run = setup_run(cfg)
         restore_run(run, resume, quiet)
@@ -577,19 +698,23 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False, stop=None):
             cfg.save(run.out / "config.json")
         tb = _tensorboard(run.out) if d.main else None
         if not quiet:
-            print(f"[rank {d.rank}/{d.world}] {len(run.sampler)} crops per epoch of {len(run.train_cases)} training cases on {run.device} "
-                  f"({run.amp_name}); validation: {len(run.val_cases)} cases", flush=True)
+            print(f"[rank {d.rank}/{d.world}] {len(run.sampler)} crops per epoch of {len(run.train_cases)} training "
+                  f"cases on {run.device} ({run.amp_name}); validation: {len(run.val_cases)} cases", flush=True)
         last, stopped = {}, None
         for epoch in range(run.start, cfg.epochs):
             row = train_epoch(run, epoch, quiet, stop)
             if row is None:
-                stopped = f"{stop.why()}, in epoch {epoch + 1}"; break
-            finish_epoch(run, epoch, row, tb, callbacks); last = row
+                stopped = f"{stop.why()}, in epoch {epoch + 1}"
+                break
+            finish_epoch(run, epoch, row, tb, callbacks)
+            last = row
             if d.on: dist.barrier()
             if epoch + 1 < cfg.epochs and stop.agreed(d, run.device):
-                stopped = f"{stop.why()}, after epoch {epoch + 1}"; break
+                stopped = f"{stop.why()}, after epoch {epoch + 1}"
+                break
         if stopped and d.main and not quiet:
-            print(f"stopped ({stopped}): {run.out / 'latest.pt'} holds the run at that step; --resume continues it", flush=True)
+            print(f"stopped ({stopped}): {run.out / 'latest.pt'} holds the run at that step; --resume continues it",
+                  flush=True)
         if tb is not None: tb.close()
         if d.on: dist.destroy_process_group()
     return {"out": str(run.out), "best_val_mean": run.best, "last": last, "train_cases": len(run.train_cases),
@@ -597,7 +722,8 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False, stop=None):
 
 # %% ../nbs/09_trainer.ipynb #fcab06cb
 def curve_widget(rows=()):
-    "A live plotly figure of the training log: loss parts (left) and validation Dice per region (right); `fig.add_row(row)` adds an epoch."
+    """A live plotly figure of the training log: loss parts (left) and validation Dice per region (right);
+    `fig.add_row(row)` adds an epoch."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     base = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "validation Dice"))
@@ -615,7 +741,8 @@ def curve_widget(rows=()):
             with self.batch_update():
                 for tr, k in zip(self.data, keys):
                     pts = [(r["epoch"], r[k]) for r in self._rows if k in r and r[k] == r[k]]
-                    tr.x = [p[0] for p in pts]; tr.y = [p[1] for p in pts]
+                    tr.x = [p[0] for p in pts]
+                    tr.y = [p[1] for p in pts]
                 n = max((r["epoch"] for r in self._rows), default=0) + 1
                 self.update_xaxes(dtick=max(1, math.ceil(n / 10)))      # about ten whole-epoch ticks
 
@@ -623,6 +750,7 @@ def curve_widget(rows=()):
     for r in rows: fig.add_row(r)
     return fig
 
+# %% ../nbs/09_trainer.ipynb #d1109171
 def plot_curves(run, ax=None, title=None):
     "Static matplotlib figure of a training log: a run folder (its metrics.csv) or the rows themselves."
     import matplotlib.pyplot as plt
@@ -632,12 +760,17 @@ def plot_curves(run, ax=None, title=None):
     for k in ("loss", "gdl", "ce", "bsc"): ax[0].plot(ep, [r.get(k, float("nan")) for r in rows], ".-", label=k)
     val = {k: [r.get(f"val_{k}", float("nan")) for r in rows] for k in (*REGIONS, "mean")}
     for k, v in val.items(): ax[1].plot(ep, v, ".-", label=k)
-    ax[0].set_title("training loss"); ax[1].set_title("validation Dice"); ax[1].set_ylim(0, 1)
+    ax[0].set_title("training loss")
+    ax[1].set_title("validation Dice")
+    ax[1].set_ylim(0, 1)
     from matplotlib.ticker import MaxNLocator
-    for a in ax: a.set_xlabel("epoch"); a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax[0].legend(fontsize=7)
     if any(x == x for v in val.values() for x in v): ax[1].legend(fontsize=7)
-    else: ax[1].text(0.5, 0.5, "no validation during this run", ha="center", va="center", transform=ax[1].transAxes, color="0.4")
+    else: ax[1].text(0.5, 0.5, "no validation during this run", ha="center", va="center", transform=ax[1].transAxes,
+                     color="0.4")
     if ep: ax[1].set_xlim(ax[0].get_xlim())
     if title: ax[0].figure.suptitle(title, fontsize=10)
     ax[0].figure.tight_layout()
@@ -667,14 +800,18 @@ def add_train_options(p, skip=()):
 
 # %% ../nbs/09_trainer.ipynb #13e4f698
 def torchrun_command(config, nproc, resume=False, nnodes=1, node_rank=0, rdzv_endpoint="", rdzv_id="brats_nb"):
-    """The torchrun command line that trains the configuration file `config` in `nproc` processes on this machine: alone,
-    or as machine `node_rank` of `nnodes` that meet at `rdzv_endpoint` (HOST:PORT) in a c10d rendezvous named `rdzv_id`."""
+    """The torchrun command line that trains the configuration file `config` in `nproc` processes on this machine:
+    alone, or as machine `node_rank` of `nnodes` that meet at `rdzv_endpoint` (HOST:PORT) in a c10d rendezvous named
+    `rdzv_id`."""
     if nproc < 1 or nnodes < 1: raise BratsError(f"--nproc {nproc} and --nnodes {nnodes} must be at least 1")
-    if not 0 <= node_rank < nnodes: raise BratsError(f"--node-rank {node_rank} must be in 0..{nnodes - 1} (--nnodes {nnodes})")
+    if not 0 <= node_rank < nnodes:
+        raise BratsError(f"--node-rank {node_rank} must be in 0..{nnodes - 1} (--nnodes {nnodes})")
     if nnodes > 1 and not rdzv_endpoint:
-        raise BratsError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, a free port on one of the machines (e.g. the job's first node)")
-    where = (["--standalone"] if not rdzv_endpoint else [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
-                                                          f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"])
+        raise BratsError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, a free port on one of the machines "
+                         "(e.g. the job's first node)")
+    where = (["--standalone"] if not rdzv_endpoint else
+             [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"])
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", "--no-python",
             sys.executable, "-c", "import sys; from brats_nb.cli import main; sys.exit(main())",
             "train", "--config", str(config), *(["--resume"] if resume else [])]
@@ -683,18 +820,20 @@ def torchrun_command(config, nproc, resume=False, nnodes=1, node_rank=0, rdzv_en
 def _ignore_stop_signals():
     for s in STOP_SIGNALS: signal.signal(s, signal.SIG_IGN)
 
-def train_torchrun(cfg: TrainConfig, nproc: int, resume=False, nnodes=1, node_rank=0, rdzv_endpoint="", rdzv_id="brats_nb"):
-    """Train `cfg` in `nproc` processes on this machine started by torchrun (one per GPU with NCCL, or CPU processes with
-    gloo), alone or as one of `nnodes` machines (`torchrun_command`); returns the exit code. SIGTERM or SIGUSR1 to this
-    process stops the run at a step boundary: it creates the workers' stop file. torchrun runs with both ignored."""
+def train_torchrun(cfg: TrainConfig, nproc: int, resume=False, nnodes=1, node_rank=0, rdzv_endpoint="",
+                   rdzv_id="brats_nb"):
+    """Train `cfg` in `nproc` processes on this machine started by torchrun (one per GPU with NCCL, or CPU processes
+    with gloo), alone or as one of `nnodes` machines (`torchrun_command`); returns the exit code. SIGTERM or SIGUSR1 to
+    this process stops the run at a step boundary: it creates the workers' stop file. torchrun runs with both
+    ignored."""
     rank_batch(cfg.batch_size, nproc * nnodes)   # refused here, before any process starts
     with tempfile.TemporaryDirectory() as tmp:
         cfg.save(Path(tmp) / "config.json")
         cmd = torchrun_command(Path(tmp) / "config.json", nproc, resume, nnodes, node_rank, rdzv_endpoint, rdzv_id)
         stop_file = Path(tmp) / "stop"
-        # torchrun would pass SIGTERM on and end the workers after 30 s, and dies of SIGUSR1; asked to handle neither (torch
-        # versions with --signals-to-handle read PET_SIGNALS_TO_HANDLE), it keeps the SIG_IGN it inherits, and the workers,
-        # which inherit it too, install their own handlers in `train`
+        # torchrun would pass SIGTERM on and end the workers after 30 s, and dies of SIGUSR1; asked to handle neither
+        # (torch versions with --signals-to-handle read PET_SIGNALS_TO_HANDLE), it keeps the SIG_IGN it inherits, and
+        # the workers, which inherit it too, install their own handlers in `train`
         env = dict(os.environ, BRATS_NB_STOP_FILE=str(stop_file), PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT")
         def relay(signum, frame): stop_file.touch()
         main = threading.current_thread() is threading.main_thread()
@@ -708,19 +847,27 @@ def add_cli(sub):
     "Register `brats-nb train`."
     p = sub.add_parser("train", help="train a model (the paper's recipe by default)",
                        description="Train DMFNet with MIE/SIE/BSC. Any configuration field can be given as an option. "
-                                   "SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint; --resume continues it.")
+                                   "SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint; "
+                                   "--resume continues it.")
     p.add_argument("--config", help="a JSON configuration (e.g. a run's config.json)")
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="starting configuration (default: paper)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt (start it if there is none)")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine, started with torchrun (one per GPU, or CPU processes)")
-    p.add_argument("--nnodes", type=int, default=1, help="machines taking part; each runs this command with its own --node-rank")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0 to nnodes-1 (Slurm: $SLURM_NODEID)")
-    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="where the machines meet: a free port on one of them")
-    p.add_argument("--rdzv-id", default="brats_nb", help="the rendezvous' name, the same on every machine (Slurm: $SLURM_JOB_ID)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest.pt (start it if there is none)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine, started with torchrun (one per GPU, or CPU processes)")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="machines taking part; each runs this command with its own --node-rank")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this machine's number, 0 to nnodes-1 (Slurm: $SLURM_NODEID)")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                   help="where the machines meet: a free port on one of them")
+    p.add_argument("--rdzv-id", default="brats_nb",
+                   help="the rendezvous' name, the same on every machine (Slurm: $SLURM_JOB_ID)")
     add_train_options(p)
     def run(a):
         cfg = config_from_args(a)
-        if (a.nproc > 1 or a.nnodes > 1 or a.rdzv_endpoint) and "WORLD_SIZE" not in os.environ:   # start torchrun with this very configuration
+        # start torchrun with this very configuration
+        if (a.nproc > 1 or a.nnodes > 1 or a.rdzv_endpoint) and "WORLD_SIZE" not in os.environ:
             return train_torchrun(cfg, a.nproc, a.resume, a.nnodes, a.node_rank, a.rdzv_endpoint, a.rdzv_id)
         s = train(cfg, resume=a.resume)
         if int(os.environ.get("RANK", "0")) == 0 and not s["stopped"]:
