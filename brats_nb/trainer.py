@@ -33,14 +33,15 @@ from .checkpoints import read_checkpoint, save_checkpoint, use_channels_last
 from .keypoints import KeypointSettings
 from .pipeline import BratsDataset, augment_batch, training_dataset
 from .losses import BratsLoss
+from .memory import CONTEXT_GIB, largest_batch, needed_gib, step_peak
 from .inference import EvalProtocol, case_means, evaluate_cases
 
 # %% auto #0
 __all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'LOSS_KEYS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist',
            'setup_distributed', 'run_device', 'rank_batch', 'EpochSampler', 'split_cases', 'config_cases', 'amp_setup',
-           'train_step', 'StopRequest', 'read_log', 'Run', 'setup_run', 'restore_run', 'run_state', 'train_epoch',
-           'validate', 'finish_epoch', 'train', 'curve_widget', 'plot_curves', 'config_from_args', 'add_train_options',
-           'torchrun_command', 'train_torchrun', 'add_cli']
+           'train_step', 'StopRequest', 'read_log', 'Run', 'memory_verdict', 'setup_run', 'restore_run', 'run_state',
+           'train_epoch', 'validate', 'finish_epoch', 'train', 'curve_widget', 'plot_curves', 'config_from_args',
+           'add_train_options', 'torchrun_command', 'train_torchrun', 'add_cli']
 
 # %% ../nbs/09_trainer.ipynb #46b5effc
 # long cell: one dataclass; its fields are read together, in named groups (a CLI option each: --crop-size ...)
@@ -111,6 +112,7 @@ class TrainConfig:
     channels_last: str = "auto" # memory order of the network: auto (channels-last on the CPU), on, off
     seed: int = 0               # initialisation, crop order and augmentation
     split_seed: int = 0         # the train/validation split (kept apart from `seed`, so that seeds share one split)
+    plan_memory: bool = True    # on a GPU, refuse a batch the memory planner (06a) says cannot fit; false: try anyway
 
     @property
     def model_variant(self): return arm_network(self.variant)
@@ -452,6 +454,28 @@ class Run:
     partial: dict | None = None
     loader: object = None          # the DataLoader, made at the first epoch and kept (its worker processes persist)
 
+# %% ../nbs/09_trainer.ipynb #790fea44
+def memory_verdict(cfg: TrainConfig, per_rank, free_gib, amp="bf16", channels_last=False, model_kwargs=None):
+    """None when a training step of `per_rank` crops fits `free_gib` GiB of free GPU memory (the planner's count with
+    its margin; the context is already there), else the message that refuses it, naming the largest batch that fits."""
+    mk = {k: v for k, v in (model_kwargs or cfg.model_kwargs()).items() if k != "variant"}
+    kw = dict(crop=cfg.crop_size, amp=amp, channels_last=channels_last, bsc_weight=cfg.bsc_weight,
+              amsgrad=cfg.amsgrad, **mk)
+    total = free_gib + CONTEXT_GIB
+    need = needed_gib(step_peak(cfg.variant, per_rank, **kw)["total"])
+    if need <= total: return None
+    b = largest_batch(cfg.variant, total_gib=total, **kw)
+    return (f"a batch of {per_rank} crops of {cfg.crop_size}^3 per GPU ({cfg.variant}, {amp}) needs about "
+            f"{need - CONTEXT_GIB:.1f} GiB; this GPU has {free_gib:.1f} GiB free. The largest batch per GPU that fits "
+            f"is {b} (brats-nb plan prints the table; --plan-memory false tries anyway)")
+
+def _refuse_what_cannot_fit(cfg, d, per_rank, device, mk):
+    free = torch.cuda.mem_get_info(device)[0] / 2**30
+    dt = amp_dtype(device, cfg.amp)
+    amp = "bf16" if dt == torch.bfloat16 else "fp16" if dt == torch.float16 else "fp32"
+    msg = memory_verdict(cfg, per_rank, free, amp, use_channels_last(cfg.channels_last, device), mk)
+    if msg: raise BratsError(msg + (f"; --batch-size is over all {d.world} processes" if d.on else ""))
+
 # %% ../nbs/09_trainer.ipynb #fa34f111
 def _run_network(cfg: TrainConfig, d: Dist, device, mk):
     "(model, net, optimiser, schedule) of a run: `net` is `model`, or its DDP wrapper when there are several processes."
@@ -495,6 +519,7 @@ def setup_run(cfg: TrainConfig):
                      pin_memory=device.type == "cuda",
                      **(dict(prefetch_factor=2, persistent_workers=True) if cfg.workers > 0 else {}))
     mk = cfg.model_kwargs(out_channels=1 + k)
+    if device.type == "cuda" and cfg.plan_memory: _refuse_what_cannot_fit(cfg, d, per_rank, device, mk)
     model, net, opt, sched = _run_network(cfg, d, device, mk)
     amp, scaler, amp_name = amp_setup(cfg, device)
     loss_fn = BratsLoss(bsc_weight=cfg.bsc_weight if cfg.uses_bsc else 0.0, gdl_weights=cfg.gdl_weights,

@@ -206,3 +206,20 @@ def test_bench_gpu_dry_run_prints_every_row_and_writes_nothing_outside(tmp_path,
     assert tables == ["train", "train", "loader", "fit", "fit", "inference", "inference", "projected", "projected"]
     assert len([line for line in lines if ": " in line]) == len(tables)
     assert not (tmp_path / "cache").exists()
+
+
+def test_train_refuses_a_batch_the_planner_says_cannot_fit():
+    """Issue 23, item 2: on a GPU `train` asks the planner before building anything (`memory_verdict` with the GPU's
+    free memory). The paper's batch of 8 for `all` fits 78 GiB free but not 12, and the message names a batch that
+    fits, which the planner confirms."""
+    import re
+    from brats_nb.memory import CONTEXT_GIB, needed_gib, step_peak
+    from brats_nb.trainer import memory_verdict, preset
+    cfg = preset("paper", variant="all")
+    assert memory_verdict(cfg, 8, 78.0) is None
+    msg = memory_verdict(cfg, 8, 12.0)
+    b = int(re.search(r"largest batch per GPU that fits is (\d+)", msg).group(1))
+    assert 1 <= b < 8
+    kw = {k: v for k, v in cfg.model_kwargs().items() if k != "variant"}
+    assert needed_gib(step_peak("all", b, 128, **kw)["total"]) <= 12.0 + CONTEXT_GIB
+    assert memory_verdict(cfg, b, 12.0) is None
