@@ -133,6 +133,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                'brats_nb.data._viewer_controls': ('data.html#_viewer_controls', 'brats_nb/data.py'),
                                'brats_nb.data._viewer_panel': ('data.html#_viewer_panel', 'brats_nb/data.py'),
                                'brats_nb.data.add_cli': ('data.html#add_cli', 'brats_nb/data.py'),
+                               'brats_nb.data.as_label_map': ('data.html#as_label_map', 'brats_nb/data.py'),
                                'brats_nb.data.brain_box': ('data.html#brain_box', 'brats_nb/data.py'),
                                'brats_nb.data.brain_mask': ('data.html#brain_mask', 'brats_nb/data.py'),
                                'brats_nb.data.case_files': ('data.html#case_files', 'brats_nb/data.py'),

@@ -19,7 +19,7 @@ from scipy import ndimage
 from .core import BratsError, atomic_path, bbox, check_apart
 from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions,
                            get_convention, read_nifti, brain_mask, Case, CONVENTIONS, detect_label_convention,
-                           check_label_values, _KEY_RE)
+                           check_label_values, as_label_map, _KEY_RE)
 
 # %% auto #0
 __all__ = ['HD95_EMPTY', 'SPACING_ORDERS', 'LESIONWISE_PENALTY', 'LESIONWISE_SETTINGS', 'CHALLENGES', 'METRIC_COLUMNS',
@@ -393,9 +393,7 @@ def load_ground_truth(path, name, convention=None):
     "A `Case` holding only a ground-truth label map (no images): label, affine, header, spacing, convention."
     path = Path(path)
     img, data = read_nifti(path)
-    if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
-        raise BratsError(f"{path}: label values must be whole numbers")
-    label = data.astype(np.uint8)
+    label = as_label_map(data, path)
     if convention is None:
         naming = "brats2023" if (m := _SEG_FILE.match(path.name)) and m["suffix"] == "-seg" else "brats2017"
         convention = detect_label_convention(label, naming, path, name)
@@ -417,9 +415,7 @@ def load_prediction(path, case):
         raise BratsError(f"{path}: shape {data.shape} differs from case {case.name!r} {case.shape}")
     if not np.allclose(img.affine, case.affine, atol=1e-3):
         raise BratsError(f"{path}: affine differs from case {case.name!r}:\n{img.affine}\nvs\n{case.affine}")
-    if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
-        raise BratsError(f"{path}: label values must be whole numbers")
-    label = data.astype(np.uint8)
+    label = as_label_map(data, path)
     conv, values = case.label_convention, set(np.unique(label).tolist())
     if not values <= get_convention(conv).values:          # a prediction is read in its case's convention ...
         other = {"brats2017": "brats2023", "brats2023": "brats2017"}.get(conv)

@@ -25,7 +25,7 @@ from fastcore.basics import patch
 from .core import BratsError, atomic_path, check_apart
 from .data import (REGIONS, CONVENTIONS, CaseFiles, find_cases, load_case, save_nifti, case_files,
                            get_convention, brain_box, normalize, labels_to_classes, check_classes, convention_of_label,
-                           read_nifti, downsample_case)
+                           read_nifti, downsample_case, as_label_map)
 from .keypoints import KeypointSettings, keypoint_settings, select_keypoints
 
 # %% auto #0
@@ -257,8 +257,9 @@ def preprocess_case(case_dir, keypoints: KeypointSettings | None = None, force=F
     img, label = read_nifti(files.seg)
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
-    conv = convention_of_label(label.astype(np.uint8), files, convention or None)  # as the user says, else detected
-    maps, info = select_keypoints(label.astype(np.uint8), kp, conv, device or "cpu")   # a GPU only when asked
+    label = as_label_map(label, files.seg)                        # whole numbers in 0..255 before any cast
+    conv = convention_of_label(label, files, convention or None)  # as the user says, else detected
+    maps, info = select_keypoints(label, kp, conv, device or "cpu")   # a GPU only when asked
     nii, side = keypoint_files(files)
     save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)
     meta = dict(kp.params(), label_sha256=sha, label_file=files.seg.name,

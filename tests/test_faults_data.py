@@ -1,0 +1,94 @@
+"""Issue 24, findings 2, 3, 4 and 6: faults in the data a user hands to `brats-nb`, each refused by name (or, for the
+CPU preset, a data folder left untouched). Each test failed on the code before its fix."""
+import hashlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_nb.cli import main
+from brats_nb.core import BratsError
+from brats_nb.synth import SAMPLES_DIR
+
+
+def copy_cases(dst, names=("Synth_000", "Synth_001")):
+    "A data folder holding copies of the named samples."
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names: shutil.copytree(SAMPLES_DIR / n, dst / n)
+    return dst
+
+
+def seg_of(case_dir):
+    return next(Path(case_dir).glob("*_seg.nii.gz"))
+
+
+def rewrite_seg(path, change, dtype=np.int16):
+    "Rewrite the label map at `path` as `dtype` after `change(array)`."
+    img = nib.load(str(path))
+    data = change(np.asarray(img.dataobj).astype(np.int64))
+    hdr = img.header.copy()
+    hdr.set_data_dtype(dtype)
+    nib.save(nib.Nifti1Image(data.astype(dtype), img.affine, hdr), str(path))
+
+
+def write_predictions(data, pred_dir, change=lambda a: a, dtype=np.uint8):
+    "Predictions that are the ground truth of each case of `data` (after `change`), as <case>.nii.gz in `pred_dir`."
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    for d in sorted(p for p in data.iterdir() if p.is_dir()):
+        img = nib.load(str(seg_of(d)))
+        hdr = img.header.copy()
+        hdr.set_data_dtype(dtype)
+        arr = change(np.asarray(img.dataobj).astype(np.int64)).astype(dtype)
+        nib.save(nib.Nifti1Image(arr, img.affine, hdr), str(pred_dir / f"{d.name}.nii.gz"))
+    return pred_dir
+
+
+def cli(capsys, *args):
+    "Run `brats-nb args` in this process: (exit status, stdout, stderr)."
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def tree_digest(root):
+    "Every file's relative path, bytes and mode under `root`: equal digests mean an untouched folder."
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file(): h.update(p.read_bytes())
+        h.update(str(stat.S_IMODE(p.stat().st_mode)).encode())
+    return h.hexdigest()
+
+
+# Finding 3: label maps are range-checked before any cast to uint8
+
+def test_prediction_with_et_256_is_refused(tmp_path, capsys):
+    data = copy_cases(tmp_path / "data")
+    pred = write_predictions(data, tmp_path / "pred", lambda a: np.where(a == 4, 256, a), np.int16)
+    rc, out, err = cli(capsys, "evaluate", pred, data, "--out", tmp_path / "m.csv")
+    assert rc != 0 and "Synth_000.nii.gz" in err and "[256]" in err and "outside 0..255" in err, (rc, out, err)
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_ground_truth_with_260_is_not_cached(tmp_path, capsys):
+    data = copy_cases(tmp_path / "data", ("Synth_000",))
+    rewrite_seg(seg_of(data / "Synth_000"), lambda a: np.where(a == 4, 260, a))
+    rc, out, err = cli(capsys, "preprocess", data, "--cache-dir", tmp_path / "cache", "--workers", 1)
+    assert rc != 0 and "[260]" in out + err and "Synth_000_seg.nii.gz" in out + err, (rc, out, err)
+    assert "1 written" not in out
+    assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_seg_label_minus_one_is_reported_as_minus_one(tmp_path):
+    from brats_nb.data import load_case, label_convention_of
+    from brats_nb.pipeline import preprocess_case
+    data = copy_cases(tmp_path / "data", ("Synth_000",))
+    rewrite_seg(seg_of(data / "Synth_000"), lambda a: np.where(a == 2, -1, a))
+    for f in (load_case, label_convention_of, preprocess_case):
+        with pytest.raises(BratsError) as e: f(data / "Synth_000")
+        assert "[-1]" in str(e.value) and "255" not in str(e.value).replace("0..255", ""), (f, e.value)
+        assert "Synth_000_seg.nii.gz" in str(e.value)
