@@ -21,11 +21,11 @@ from .core import BratsError, atomic_path, bbox, check_apart
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
            'TISSUE_COLORS', 'ERROR_COLORS', 'naming_modalities', 'LabelConvention', 'get_convention', 'CaseFiles',
-           'case_files', 'find_cases', 'read_nifti', 'as_label_map', 'detect_label_convention', 'check_label_values',
-           'Case', 'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
-           'convention_of_label', 'label_convention_of', 'check_classes', 'labels_to_classes', 'classes_to_labels',
-           'brain_mask', 'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb', 'pick_modality',
-           'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes',
+           'case_files', 'check_unique_cases', 'find_cases', 'read_nifti', 'as_label_map', 'detect_label_convention',
+           'check_label_values', 'Case', 'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes',
+           'class_regions', 'convention_of_label', 'label_convention_of', 'check_classes', 'labels_to_classes',
+           'classes_to_labels', 'brain_mask', 'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb',
+           'pick_modality', 'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes',
            'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'save_nifti', 'resample_factors',
            'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks', 'downsample_case',
            'write_case_folder', 'downsample_folder', 'add_cli']
@@ -163,6 +163,18 @@ def case_files(case_dir) -> CaseFiles:
             f"{m!r} (expected {prefix}{sep}{keys[m]}.nii.gz)" for m in missing))
     return CaseFiles(prefix, case_dir, naming, {m: files[keys[m]] for m in mods}, files.get(keys["seg"]))
 
+# %% ../nbs/00_data.ipynb #bef11cfd
+def check_unique_cases(cases):
+    "The case folders (or files) `cases` as Paths, once no two hold the same case id; a `BratsError` naming both else."
+    seen = {}
+    for c in map(Path, cases):
+        name = case_files(c).name                    # a broken case fails here, by name, before any work starts
+        if name in seen:
+            raise BratsError(f"case id {name!r} is held by two folders, {seen[name]} and {c}: predictions, metrics and "
+                             "cache entries are named by it; rename one of them or give the folders separately")
+        seen[name] = c
+    return [Path(c) for c in cases]
+
 # %% ../nbs/00_data.ipynb #6008f6d1
 def find_cases(root) -> list[Path]:
     ("Sorted folders under `root` (or `root` itself) that hold a BraTS case, in either naming; "
@@ -175,8 +187,7 @@ def find_cases(root) -> list[Path]:
                    if any(_KEY_RE.match(f) for f in files)})
     if not dirs:
         raise BratsError(f"{root}: no BraTS case found (looked for <case>_t1.nii.gz or <case>-t1n.nii.gz files)")
-    for d in dirs: case_files(d)  # a broken case fails here, by name, before any work starts
-    return dirs
+    return check_unique_cases(dirs)  # a broken case, or a case id held twice, fails here before any work starts
 
 # %% ../nbs/00_data.ipynb #9198bdf3
 def read_nifti(path):

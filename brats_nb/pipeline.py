@@ -25,7 +25,7 @@ from fastcore.basics import patch
 from .core import BratsError, atomic_path, check_apart
 from .data import (REGIONS, CONVENTIONS, CaseFiles, find_cases, load_case, save_nifti, case_files,
                            get_convention, brain_box, normalize, labels_to_classes, check_classes, convention_of_label,
-                           read_nifti, downsample_case, as_label_map)
+                           read_nifti, downsample_case, as_label_map, check_unique_cases)
 from .keypoints import KeypointSettings, keypoint_settings, select_keypoints
 
 # %% auto #0
@@ -285,7 +285,7 @@ def preprocess(data_dir, workers=None, keypoints: KeypointSettings | None = None
     written beside the cases. `keypoints`: the key point settings (default the paper's), with `changes` (`t=20`).
     Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
     listed = isinstance(data_dir, (list, tuple))                 # a folder, or case folders
-    dirs = [Path(c) for c in data_dir] if listed else find_cases(data_dir)
+    dirs = check_unique_cases(data_dir) if listed else find_cases(data_dir)   # a case id held twice fails here
     if cache_dir is not None: check_apart(cache_dir, [*dirs, None if listed else data_dir], "the training cache")
     kp = keypoint_settings(keypoints, **changes)   # fails early on bad values
     if convention: get_convention(convention)

@@ -92,3 +92,93 @@ def test_seg_label_minus_one_is_reported_as_minus_one(tmp_path):
         with pytest.raises(BratsError) as e: f(data / "Synth_000")
         assert "[-1]" in str(e.value) and "255" not in str(e.value).replace("0..255", ""), (f, e.value)
         assert "Synth_000_seg.nii.gz" in str(e.value)
+
+
+# Finding 2: no folder of predictions is taken for the ground truth, and predict never writes into its data
+
+@pytest.mark.parametrize("where", [".", "preds"])
+def test_predict_out_in_the_data_folder_is_refused(tmp_path, capsys, where):
+    data = copy_cases(tmp_path / "data")
+    before = tree_digest(data)
+    out = data / where
+    rc, _, err = cli(capsys, "predict", tmp_path / "never-read.pt", data, "--out", out)
+    assert rc != 0 and "never writes where it reads" in err and str(data) in err, err
+    assert tree_digest(data) == before
+
+
+def test_evaluate_refuses_predictions_beside_the_case_folders(tmp_path, capsys):
+    data = copy_cases(tmp_path / "data")
+    write_predictions(data, data)          # what `predict --out DATA` used to leave: <case>.nii.gz at the top
+    pred = write_predictions(data, tmp_path / "pred", lambda a: np.where(a == 4, 1, a))   # no ET: far from Dice 1
+    rc, out, err = cli(capsys, "evaluate", pred, data, "--out", tmp_path / "m.csv")
+    assert rc != 0 and "1.000" not in out, (out, err)
+    assert f"{data}: holds case folders" in err and "Synth_000.nii.gz" in err, err
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_evaluate_refuses_one_folder_as_predictions_and_ground_truth(tmp_path, capsys):
+    flat = write_predictions(copy_cases(tmp_path / "data"), tmp_path / "flat")
+    rc, out, err = cli(capsys, "evaluate", flat, flat, "--out", tmp_path / "m.csv")
+    assert rc != 0 and "one folder" in err and "1.000" not in out, (out, err)
+
+
+def test_evaluate_refuses_two_label_maps_of_one_case(tmp_path, capsys):
+    data = copy_cases(tmp_path / "data")
+    gt = write_predictions(data, tmp_path / "gt")
+    shutil.copy(gt / "Synth_000.nii.gz", gt / "Synth_000_seg.nii.gz")
+    pred = write_predictions(data, tmp_path / "pred")
+    rc, _, err = cli(capsys, "evaluate", pred, gt, "--out", tmp_path / "m.csv")
+    assert rc != 0 and "'Synth_000' is held by two label maps" in err, err
+    assert "Synth_000.nii.gz" in err and "Synth_000_seg.nii.gz" in err
+
+
+# Finding 4: a case id held by two folders is refused, with both paths, before anything is written
+
+@pytest.fixture
+def twice(tmp_path):
+    "A data folder whose a/ and b/ both hold a case Synth_000 (and b/ also Synth_001)."
+    data = tmp_path / "data"
+    copy_cases(data / "a", ("Synth_000",))
+    copy_cases(data / "b", ("Synth_000", "Synth_001"))
+    return data
+
+
+def assert_both_named(err, data):
+    assert "case id 'Synth_000' is held by two folders" in err, err
+    assert str(data / "a" / "Synth_000") in err and str(data / "b" / "Synth_000") in err, err
+
+
+def test_predict_refuses_a_case_id_twice(tmp_path, capsys, twice):
+    out = tmp_path / "pred"
+    rc, _, err = cli(capsys, "predict", tmp_path / "never-read.pt", twice, "--out", out)
+    assert rc != 0 and not out.exists()
+    assert_both_named(err, twice)
+
+
+def test_evaluate_refuses_a_case_id_twice(tmp_path, capsys, twice):
+    pred = tmp_path / "pred"
+    write_predictions(twice / "b", pred)
+    rc, out, err = cli(capsys, "evaluate", pred, twice, "--out", tmp_path / "m.csv")
+    assert rc != 0 and not (tmp_path / "m.csv").exists(), out
+    assert_both_named(err, twice)
+    from brats_nb.metrics import evaluate_folder
+    with pytest.raises(BratsError, match="held by two folders"):       # a list of case folders too
+        evaluate_folder(pred, [twice / "a" / "Synth_000", twice / "b" / "Synth_000"])
+
+
+def test_preprocess_refuses_a_case_id_twice(tmp_path, capsys, twice):
+    cache = tmp_path / "cache"
+    rc, _, err = cli(capsys, "preprocess", twice, "--cache-dir", cache, "--workers", 1)
+    assert rc != 0 and not cache.exists()
+    assert_both_named(err, twice)
+    before = tree_digest(twice)
+    rc, _, err = cli(capsys, "preprocess", twice, "--beside", "--workers", 1)
+    assert rc != 0 and tree_digest(twice) == before
+    assert_both_named(err, twice)
+
+
+def test_train_refuses_a_case_id_twice(tmp_path, capsys, twice):
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--preset", "cpu", "--data", twice, "--out", out, "--epochs", 1)
+    assert rc != 0 and not (out.exists() and any(out.iterdir()))
+    assert_both_named(err, twice)
