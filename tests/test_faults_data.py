@@ -182,3 +182,52 @@ def test_train_refuses_a_case_id_twice(tmp_path, capsys, twice):
     rc, _, err = cli(capsys, "train", "--preset", "cpu", "--data", twice, "--out", out, "--epochs", 1)
     assert rc != 0 and not (out.exists() and any(out.iterdir()))
     assert_both_named(err, twice)
+
+
+# Finding 6: training without the training cache (the CPU preset) writes nothing into the data folder
+
+def make_read_only(root):
+    for p in [root, *Path(root).rglob("*")]: p.chmod(p.stat().st_mode & ~0o222)
+
+
+def test_cpu_preset_leaves_a_read_only_data_folder_untouched(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BRATS_NB_CACHE", str(tmp_path / "cache"))
+    data = copy_cases(tmp_path / "data")
+    make_read_only(data)
+    before = tree_digest(data)
+    try:
+        rc, out, err = cli(capsys, "train", "--preset", "cpu", "--data", data, "--out", tmp_path / "run", "--epochs", 1)
+        assert rc == 0, (out, err[-3000:])
+        assert tree_digest(data) == before                       # no key point file (nor anything else) in the data
+        assert not list(data.rglob("*keypoints*"))
+        stored = sorted((tmp_path / "cache" / "keypoints").rglob("*_keypoints.nii.gz"))
+        assert len(stored) == 1, stored                          # the training case's map is in the cache
+    finally:
+        for p in [data, *data.rglob("*")]: p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_stored_keypoint_maps_equal_those_beside_the_case(tmp_path, monkeypatch):
+    "Only the place of the maps changed: the cache's map holds the bytes `preprocess --beside` writes, and is read."
+    from brats_nb.pipeline import (BratsDataset, keypoint_files, keypoint_store, keypoints_up_to_date, preprocess_case,
+                                   training_dataset)
+    from brats_nb.keypoints import KeypointSettings
+    monkeypatch.setenv("BRATS_NB_CACHE", str(tmp_path / "cache"))
+    data = copy_cases(tmp_path / "data", ("Synth_000",))
+    beside = copy_cases(tmp_path / "beside", ("Synth_000",))
+    kp = KeypointSettings(t=5)
+    ds = training_dataset([data / "Synth_000"], 32, keypoints=kp, bsc=True)
+    assert isinstance(ds, BratsDataset) and not list(data.rglob("*keypoints*"))
+    stored, side = keypoint_files(data / "Synth_000", keypoint_store(), kp)
+    assert stored.is_file() and side.is_file() and str(stored).startswith(str(tmp_path / "cache" / "keypoints"))
+    assert keypoints_up_to_date(data / "Synth_000", kp, keypoint_store())
+    assert keypoint_files(data / "Synth_000", keypoint_store(), KeypointSettings(t=6))[0] != stored   # keyed by settings
+    assert keypoint_files(beside / "Synth_000", keypoint_store(), kp)[0] != stored                    # and by path
+    assert preprocess_case(beside / "Synth_000", kp) == "written"                # --beside: beside the case, on request
+    here = keypoint_files(beside / "Synth_000")[0]
+    assert here.parent == beside / "Synth_000"
+    np.testing.assert_array_equal(np.asarray(nib.load(str(stored)).dataobj), np.asarray(nib.load(str(here)).dataobj))
+    b = ds[0]
+    assert b["keypoints"].shape == (3, 32, 32, 32)
+    stored.unlink()                                                              # the dataset reads the stored map
+    ds._cache.clear()
+    with pytest.raises(BratsError, match="missing"): ds[0]
