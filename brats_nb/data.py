@@ -21,11 +21,11 @@ from .core import BratsError, atomic_path, bbox, check_apart
 # %% auto #0
 __all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
            'TISSUE_COLORS', 'ERROR_COLORS', 'naming_modalities', 'LabelConvention', 'get_convention', 'CaseFiles',
-           'case_files', 'find_cases', 'read_nifti', 'detect_label_convention', 'check_label_values', 'Case',
-           'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions',
-           'convention_of_label', 'label_convention_of', 'check_classes', 'labels_to_classes', 'classes_to_labels',
-           'brain_mask', 'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb', 'pick_modality',
-           'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes',
+           'case_files', 'check_unique_cases', 'find_cases', 'read_nifti', 'as_label_map', 'detect_label_convention',
+           'check_label_values', 'Case', 'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes',
+           'class_regions', 'convention_of_label', 'label_convention_of', 'check_classes', 'labels_to_classes',
+           'classes_to_labels', 'brain_mask', 'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb',
+           'pick_modality', 'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes',
            'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'save_nifti', 'resample_factors',
            'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks', 'downsample_case',
            'write_case_folder', 'downsample_folder', 'add_cli']
@@ -163,6 +163,18 @@ def case_files(case_dir) -> CaseFiles:
             f"{m!r} (expected {prefix}{sep}{keys[m]}.nii.gz)" for m in missing))
     return CaseFiles(prefix, case_dir, naming, {m: files[keys[m]] for m in mods}, files.get(keys["seg"]))
 
+# %% ../nbs/00_data.ipynb #bef11cfd
+def check_unique_cases(cases):
+    "The case folders (or files) `cases` as Paths, once no two hold the same case id; a `BratsError` naming both else."
+    seen = {}
+    for c in map(Path, cases):
+        name = case_files(c).name                    # a broken case fails here, by name, before any work starts
+        if name in seen:
+            raise BratsError(f"case id {name!r} is held by two folders, {seen[name]} and {c}: predictions, metrics and "
+                             "cache entries are named by it; rename one of them or give the folders separately")
+        seen[name] = c
+    return [Path(c) for c in cases]
+
 # %% ../nbs/00_data.ipynb #6008f6d1
 def find_cases(root) -> list[Path]:
     ("Sorted folders under `root` (or `root` itself) that hold a BraTS case, in either naming; "
@@ -175,8 +187,7 @@ def find_cases(root) -> list[Path]:
                    if any(_KEY_RE.match(f) for f in files)})
     if not dirs:
         raise BratsError(f"{root}: no BraTS case found (looked for <case>_t1.nii.gz or <case>-t1n.nii.gz files)")
-    for d in dirs: case_files(d)  # a broken case fails here, by name, before any work starts
-    return dirs
+    return check_unique_cases(dirs)  # a broken case, or a case id held twice, fails here before any work starts
 
 # %% ../nbs/00_data.ipynb #9198bdf3
 def read_nifti(path):
@@ -193,6 +204,19 @@ def _check_same_space(ref_path, ref_img, path, img):
         raise BratsError(f"{path}: shape {img.shape[:3]} differs from {ref_path.name} {ref_img.shape[:3]}")
     if not np.allclose(img.affine, ref_img.affine, atol=1e-3):
         raise BratsError(f"{path}: affine differs from {ref_path.name}:\n{img.affine}\nvs\n{ref_img.affine}")
+
+# %% ../nbs/00_data.ipynb #69cc19de
+def as_label_map(data, path="label map"):
+    """`data` as a uint8 label map, once every value is known to be a whole number in 0..255 (a bare cast would wrap
+    256 to 0 and -1 to 255); a `BratsError` naming `path` and the values outside otherwise."""
+    data = np.asarray(data)
+    if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
+        raise BratsError(f"{path}: label values must be whole numbers")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        out = np.unique(data[(data < 0) | (data > 255)])
+        raise BratsError(f"{path}: label values {[int(v) for v in out[:8]]} lie outside 0..255, where no BraTS label "
+                         "is; fix the file (ET is 4, or 3 in the 2023+ naming)")
+    return data.astype(np.uint8)
 
 # %% ../nbs/00_data.ipynb #b728ad7a
 def detect_label_convention(label, naming="brats2017", path="label map", name=""):
@@ -264,9 +288,7 @@ def _load_msd(files, label_convention=None, load_label=True):
     if load_label and files.seg is not None:
         limg, ldata = read_nifti(files.seg)
         _check_same_space(path, img, files.seg, limg)
-        if not np.all(np.isfinite(ldata)) or not np.all(np.equal(np.mod(ldata, 1), 0)):
-            raise BratsError(f"{files.seg}: label values must be whole numbers")
-        label = ldata.astype(np.uint8)
+        label = as_label_map(ldata, files.seg)
         check_label_values(label, convention, files.seg)
     header = img.header.copy()
     header.set_data_shape(image.shape[1:])
@@ -292,9 +314,7 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
     if load_label and files.seg is not None:
         img, data = read_nifti(files.seg)
         _check_same_space(*ref, files.seg, img)
-        if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
-            raise BratsError(f"{files.seg}: label values must be whole numbers")
-        label = data.astype(np.uint8)
+        label = as_label_map(data, files.seg)
         if label_convention is None: convention = detect_label_convention(label, files.naming, files.seg, files.name)
         else: check_label_values(label, label_convention, files.seg)
     get_convention(convention)
@@ -383,7 +403,7 @@ def label_convention_of(case_dir, convention=None):
     files = case_files(case_dir)
     if files.seg is None: raise BratsError(f"{case_dir}: has no label file")
     _, data = read_nifti(files.seg)
-    return convention_of_label(np.asarray(data).astype(np.uint8), files, convention)
+    return convention_of_label(as_label_map(data, files.seg), files, convention)
 
 def check_classes(where, convention, classes):
     ("Raise a `BratsError` naming `where` when labels in `convention` need more tissue classes "

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import math
 import re
 import warnings
@@ -19,7 +20,7 @@ from scipy import ndimage
 from .core import BratsError, atomic_path, bbox, check_apart
 from .data import (REGIONS, find_cases, case_files, load_case, labels_to_regions,
                            get_convention, read_nifti, brain_mask, Case, CONVENTIONS, detect_label_convention,
-                           check_label_values, _KEY_RE)
+                           check_label_values, as_label_map, check_unique_cases, _KEY_RE)
 
 # %% auto #0
 __all__ = ['HD95_EMPTY', 'SPACING_ORDERS', 'LESIONWISE_PENALTY', 'LESIONWISE_SETTINGS', 'CHALLENGES', 'METRIC_COLUMNS',
@@ -384,7 +385,7 @@ def ground_truth_files(gt_dir):
     files = [p for p in sorted(gt_dir.iterdir())
              if p.is_file() and not p.name.startswith(".") and _SEG_FILE.match(p.name)]
     if any((m := _KEY_RE.match(p.name)) and m["key"] != "seg" for p in files): return {}   # a case folder (images)
-    return {_SEG_FILE.match(p.name)["name"]: p for p in files}
+    return _flat_ground_truth(gt_dir, files)
 
 def _msd_task(d):
     return (d / "imagesTr").is_dir() or d.name in ("imagesTr", "imagesTs")
@@ -393,15 +394,30 @@ def load_ground_truth(path, name, convention=None):
     "A `Case` holding only a ground-truth label map (no images): label, affine, header, spacing, convention."
     path = Path(path)
     img, data = read_nifti(path)
-    if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
-        raise BratsError(f"{path}: label values must be whole numbers")
-    label = data.astype(np.uint8)
+    label = as_label_map(data, path)
     if convention is None:
         naming = "brats2023" if (m := _SEG_FILE.match(path.name)) and m["suffix"] == "-seg" else "brats2017"
         convention = detect_label_convention(label, naming, path, name)
     else: check_label_values(label, convention, path)
     no_images = np.zeros((0, *label.shape), np.float32)
     return Case(name, no_images, label, img.affine.copy(), img.header.copy(), None, convention)
+
+# %% ../nbs/07_metrics.ipynb #cd8dddfd
+def _flat_ground_truth(gt_dir, files):
+    "{case: path} of the label maps `files` at the top of `gt_dir`, once they can only be the ground truth."
+    cases = next((Path(d) for d, _, fs in os.walk(gt_dir, followlinks=True)
+                  if Path(d) != gt_dir and any(_KEY_RE.match(f) for f in fs)), None)
+    if files and cases is not None:
+        shown = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise BratsError(f"{gt_dir}: holds case folders ({cases}) and label maps at its top level ({shown}), as "
+                         "`brats-nb predict --out` writes predictions; they cannot be told from the ground truth: move "
+                         "them out of the data folder")
+    flat = {}
+    for p in files:
+        name = _SEG_FILE.match(p.name)["name"]
+        if name in flat: raise BratsError(f"case id {name!r} is held by two label maps, {flat[name]} and {p}")
+        flat[name] = p
+    return flat
 
 # %% ../nbs/07_metrics.ipynb #fbf13398
 def prediction_path(pred_dir, case_name):
@@ -417,9 +433,7 @@ def load_prediction(path, case):
         raise BratsError(f"{path}: shape {data.shape} differs from case {case.name!r} {case.shape}")
     if not np.allclose(img.affine, case.affine, atol=1e-3):
         raise BratsError(f"{path}: affine differs from case {case.name!r}:\n{img.affine}\nvs\n{case.affine}")
-    if not np.all(np.isfinite(data)) or not np.all(np.equal(np.mod(data, 1), 0)):
-        raise BratsError(f"{path}: label values must be whole numbers")
-    label = data.astype(np.uint8)
+    label = as_label_map(data, path)
     conv, values = case.label_convention, set(np.unique(label).tolist())
     if not values <= get_convention(conv).values:          # a prediction is read in its case's convention ...
         other = {"brats2017": "brats2023", "brats2023": "brats2017"}.get(conv)
@@ -480,13 +494,16 @@ def _case_loaders(pred_dir, data_dir, convention=None):
     "One loader per labelled case of `data_dir`, once every case is known to have its label map and its prediction."
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir(): raise BratsError(f"{pred_dir}: no such prediction folder")
+    if not isinstance(data_dir, (list, tuple)) and pred_dir.resolve() == Path(data_dir).resolve():
+        raise BratsError(f"{pred_dir}: the predictions and the ground truth are one folder; each case would be scored "
+                         "against itself")
     flat = {} if isinstance(data_dir, (list, tuple)) else ground_truth_files(data_dir)
     if flat:                                        # a flat folder of seg files, as the official scorers take
         missing = [n for n in flat if not prediction_path(pred_dir, n).is_file()]
         if missing:
             raise BratsError(f"{prediction_path(pred_dir, missing[0])}: missing prediction for case {missing[0]!r}")
         return [lambda n=n: load_ground_truth(flat[n], n, convention) for n in flat]
-    case_dirs = [Path(d) for d in data_dir] if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)
+    case_dirs = check_unique_cases(data_dir) if isinstance(data_dir, (list, tuple)) else find_cases(data_dir)
     if not case_dirs: raise BratsError("evaluate_folder: no cases given")
     for d in case_dirs:
         cf = case_files(d)

@@ -25,15 +25,15 @@ from fastcore.basics import patch
 from .core import BratsError, atomic_path, check_apart
 from .data import (REGIONS, CONVENTIONS, CaseFiles, find_cases, load_case, save_nifti, case_files,
                            get_convention, brain_box, normalize, labels_to_classes, check_classes, convention_of_label,
-                           read_nifti, downsample_case)
+                           read_nifti, downsample_case, as_label_map, check_unique_cases)
 from .keypoints import KeypointSettings, keypoint_settings, select_keypoints
 
 # %% auto #0
 __all__ = ['AUG_MAX_ANGLE', 'CACHE_VERSION', 'uniform_corner', 'centred_corner', 'RandTumourCropd', 'training_transforms',
-           'augment_params', 'augment_theta', 'augment_batch', 'load_extra', 'BratsDataset', 'keypoint_files',
-           'keypoints_up_to_date', 'preprocess_case', 'preprocess', 'cache_root', 'default_cache_dir', 'cache_settings',
-           'cache_key', 'find_cache_entry', 'cache_case', 'read_cache_entry', 'CachedDataset', 'prepare_cache',
-           'prepare_keypoints', 'prepare_training_data', 'training_dataset', 'add_cli']
+           'augment_params', 'augment_theta', 'augment_batch', 'load_extra', 'BratsDataset', 'keypoint_store',
+           'keypoint_files', 'keypoints_up_to_date', 'preprocess_case', 'preprocess', 'cache_root', 'default_cache_dir',
+           'cache_settings', 'cache_key', 'find_cache_entry', 'cache_case', 'read_cache_entry', 'CachedDataset',
+           'prepare_cache', 'prepare_keypoints', 'prepare_training_data', 'training_dataset', 'add_cli']
 
 # %% ../nbs/05a_pipeline.ipynb #ae98d206
 def uniform_corner(randint, size, shape):
@@ -154,9 +154,10 @@ def augment_batch(batch, generator=None, params=None):
     return out
 
 # %% ../nbs/05a_pipeline.ipynb #c9ea0303
-def load_extra(files: CaseFiles, suffix, shape=None):
-    "Read an extra per-case map (X, Y, Z) or (X, Y, Z, C) written beside the case, as (C, X, Y, Z) float32."
-    p = files.extra(suffix)
+def load_extra(files: CaseFiles, suffix, shape=None, path=None):
+    ("Read an extra per-case map (X, Y, Z) or (X, Y, Z, C) written beside the case (or at `path`), "
+     "as (C, X, Y, Z) float32.")
+    p = Path(path) if path else files.extra(suffix)
     if not p.exists(): raise BratsError(f"{p}: missing; `brats-nb preprocess {files.dir.parent}` writes it")
     img = nib.load(str(p))
     data = np.asanyarray(img.dataobj).astype(np.float32)
@@ -170,7 +171,7 @@ class BratsDataset(torch.utils.data.Dataset):
     """Random training crops of BraTS cases: dicts with `image` (4, *crop), `label` (classes 0..3, *crop) and any
     `extra` maps."""
     def __init__(self, cases, crop_size=128, augment=True, extra=(), cache=False, seed=0, samples_per_case=1,
-                 fg_fraction=0.0, label_convention=None, n_classes=3):
+                 fg_fraction=0.0, label_convention=None, n_classes=3, keypoint_store=None, keypoints=None):
         if isinstance(cases, (str, os.PathLike)): cases = find_cases(cases)
         self.cases = [Path(c) for c in cases]
         if not self.cases: raise BratsError("BratsDataset: no cases given")
@@ -180,6 +181,8 @@ class BratsDataset(torch.utils.data.Dataset):
         self.epoch, self._cache = 0, {}
         # forced convention (None: each case's); classes of the run
         self.label_convention, self.n_classes = label_convention, n_classes
+        # where the key point maps are (None: beside the cases), made with which settings
+        self.keypoint_store, self.keypoints = keypoint_store, keypoints
 
     def __len__(self): return len(self.cases) * self.samples_per_case
     def set_epoch(self, epoch):
@@ -209,17 +212,27 @@ def load(self: BratsDataset, i):
     check_classes(self.cases[i], case.label_convention, self.n_classes)
     d = dict(image=normalize(case.image),
              label=labels_to_classes(case.label, case.label_convention)[None].astype(np.float32))
-    for k in self.extra: d[k] = load_extra(case.files, k, case.shape)
+    for k in self.extra:
+        at = keypoint_files(case.files, self.keypoint_store, self.keypoints)[0] if k == "keypoints" else None
+        d[k] = load_extra(case.files, k, case.shape, at)
     # NIfTI data come in Fortran order; MONAI would copy them per crop
     d = {k: np.ascontiguousarray(v) for k, v in d.items()}
     if self.cache: self._cache[i] = d
     return d
 
 # %% ../nbs/05a_pipeline.ipynb #acac9387
-def keypoint_files(case_dir):
-    "Paths of a case's key point map and its JSON sidecar (`case_dir` may be the case's `CaseFiles`)."
+def keypoint_store():
+    "Where training without the training cache keeps its key point maps: brats_nb's cache, never the data folder."
+    return cache_root() / "keypoints"
+
+def keypoint_files(case_dir, store=None, keypoints: KeypointSettings | None = None):
+    """Paths of a case's key point map and its JSON sidecar (`case_dir` may be the case's `CaseFiles`): beside the case,
+    or in `<store>/<case>-<key>/`, the key a hash of the case's path and the `keypoints` settings."""
     files = case_files(case_dir)
     p = files.extra("keypoints")
+    if store is not None:
+        key = json.dumps([str(files.dir.resolve() / files.name), keypoint_settings(keypoints).params()], sort_keys=True)
+        p = Path(store) / f"{files.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}" / p.name
     return p, p.with_name(p.name[:-len(".nii.gz")] + ".json")
 
 def _sha256(path):
@@ -228,13 +241,14 @@ def _sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
     return h.hexdigest()
 
-def keypoints_up_to_date(case_dir, keypoints: KeypointSettings | None = None, **changes) -> bool:
+def keypoints_up_to_date(case_dir, keypoints: KeypointSettings | None = None, store=None, **changes) -> bool:
     """True when the case's key point map exists and its sidecar matches the label file and the settings (`keypoints`,
-    default the paper's, with `changes`). `case_dir` may be a case's resolved `CaseFiles`."""
+    default the paper's, with `changes`). `case_dir` may be a case's resolved `CaseFiles`; `store`: as in
+    `keypoint_files`."""
     kp = keypoint_settings(keypoints, **changes)
     files = case_files(case_dir)
     if files.seg is None: return False
-    nii, side = keypoint_files(files)
+    nii, side = keypoint_files(files, store, kp)
     if not (nii.exists() and side.exists()): return False
     try: meta = json.loads(side.read_text())
     except (OSError, ValueError): return False
@@ -246,20 +260,22 @@ def _write_json_atomic(obj, path):
 
 # %% ../nbs/05a_pipeline.ipynb #1af2a6b8
 def preprocess_case(case_dir, keypoints: KeypointSettings | None = None, force=False, device=None, convention=None,
-                    **changes) -> str:
+                    store=None, **changes) -> str:
     """Write the key point map of one case (`keypoints` settings, default the paper's, with `changes`) unless it is up
-    to date; returns 'written', 'skipped' or 'unlabelled'."""
+    to date, beside the case or in the `store` folder (`keypoint_files`); returns 'written', 'skipped' or
+    'unlabelled'."""
     kp = keypoint_settings(keypoints, **changes)
     files = case_files(case_dir)                                 # found once, then passed on
     if files.seg is None: return "unlabelled"
-    if not force and keypoints_up_to_date(files, kp): return "skipped"
+    if not force and keypoints_up_to_date(files, kp, store): return "skipped"
     sha = _sha256(files.seg)   # hashed before reading, so that a label changed meanwhile is redone next time
     img, label = read_nifti(files.seg)
     label = np.asarray(label)
     if label.ndim != 3: raise BratsError(f"{files.seg}: expected a 3D label map, got shape {label.shape}")
-    conv = convention_of_label(label.astype(np.uint8), files, convention or None)  # as the user says, else detected
-    maps, info = select_keypoints(label.astype(np.uint8), kp, conv, device or "cpu")   # a GPU only when asked
-    nii, side = keypoint_files(files)
+    label = as_label_map(label, files.seg)                        # whole numbers in 0..255 before any cast
+    conv = convention_of_label(label, files, convention or None)  # as the user says, else detected
+    maps, info = select_keypoints(label, kp, conv, device or "cpu")   # a GPU only when asked
+    nii, side = keypoint_files(files, store, kp)
     save_nifti(np.moveaxis(maps, 0, -1), nii, img.affine, img.header, dtype=np.uint8)
     meta = dict(kp.params(), label_sha256=sha, label_file=files.seg.name,
                 channels=list(REGIONS), iou={r: info[r]["iou"] for r in REGIONS},
@@ -284,7 +300,7 @@ def preprocess(data_dir, workers=None, keypoints: KeypointSettings | None = None
     written beside the cases. `keypoints`: the key point settings (default the paper's), with `changes` (`t=20`).
     Returns {'written': [...], 'skipped': [...], 'unlabelled': [...], 'failed': {case: message}}."""
     listed = isinstance(data_dir, (list, tuple))                 # a folder, or case folders
-    dirs = [Path(c) for c in data_dir] if listed else find_cases(data_dir)
+    dirs = check_unique_cases(data_dir) if listed else find_cases(data_dir)   # a case id held twice fails here
     if cache_dir is not None: check_apart(cache_dir, [*dirs, None if listed else data_dir], "the training cache")
     kp = keypoint_settings(keypoints, **changes)   # fails early on bad values
     if convention: get_convention(convention)
@@ -542,17 +558,18 @@ def prepare_cache(cases, cache_dir="auto", keypoints: KeypointSettings | None = 
     return entries
 
 def prepare_keypoints(cases, keypoints: KeypointSettings | None = None, convention=None, main=True, barrier=None):
-    "Make sure every case has its key point maps beside it (up-to-date ones are skipped; the main process does it)."
+    ("Make sure every case has its key point maps in `keypoint_store()`, never in the data folder (up-to-date ones "
+     "are skipped; the main process does it).")
     if main:
         from tqdm.auto import tqdm  # tqdm picks its notebook or terminal form when it is imported
         for c in tqdm(cases, desc="key points", unit="case", leave=False, disable=len(cases) < 20):
-            preprocess_case(c, keypoints, convention=convention)
+            preprocess_case(c, keypoints, convention=convention, store=keypoint_store())
     if barrier: barrier()
 
 def prepare_training_data(cases, cache_dir="", keypoints: KeypointSettings | None = None, bsc=True, convention=None,
                           spacing=0.0, main=True, barrier=None):
     """What a run needs on disk before its first crop: the cache entries (with `cache_dir`; returned), else the key
-    point files beside the cases when `bsc` (None returned). Nothing is written into the data folder with a cache."""
+    point files in `keypoint_store()` when `bsc` (None returned). Nothing is written into the data folder."""
     if cache_dir: return prepare_cache(cases, cache_dir, keypoints, convention, spacing, main, barrier)
     if bsc: prepare_keypoints(cases, keypoints, convention, main, barrier)
     return None
@@ -570,7 +587,7 @@ def training_dataset(cases, crop_size, cache_dir="", keypoints: KeypointSettings
                              n_classes=n_classes, augment=augment, fg_balance=fg_balance, keypoints=bsc)
     return BratsDataset(cases, crop_size, augment=augment, extra=("keypoints",) if bsc else (), cache=cache, seed=seed,
                         samples_per_case=samples_per_case, fg_fraction=fg_fraction, label_convention=convention,
-                        n_classes=n_classes)
+                        n_classes=n_classes, keypoint_store=keypoint_store(), keypoints=keypoints)
 
 # %% ../nbs/05a_pipeline.ipynb #d20583fb
 def add_cli(sub):
