@@ -20,6 +20,7 @@ from brats_nb import core
 from brats_nb.checkpoints import lesson_checkpoint, read_checkpoint
 from brats_nb.cli import main
 from brats_nb.synth import SAMPLES_DIR
+from brats_nb.trainer import preset
 
 TINY = ["--preset", "cpu", "--epochs", "1", "--crop-size", "32", "--samples-per-case", "1", "--threads", "1"]
 
@@ -90,10 +91,16 @@ def test_command_option_out_of_range(capsys, data, tmp_path, make, words):
     assert not (tmp_path / "out").exists()
 
 
+def tiny_config(path, data, **fields):
+    "A JSON configuration of the tiny CPU run (so that code which accepted a bad one would still end quickly)."
+    base = preset("cpu", epochs=1, crop_size=32, samples_per_case=1, threads=1, data=str(data)).to_dict()
+    path.write_text(json.dumps({**base, **fields}))
+    return path
+
+
 def test_preset_and_config_together_refused(capsys, data, tmp_path):
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"epochs": 1}))
-    rc, _, err = cli(capsys, "train", "--preset", "cpu", "--config", cfg, "--out", tmp_path / "run")
+    cfg = tiny_config(tmp_path / "c.json", data, out=str(tmp_path / "run"))
+    rc, _, err = cli(capsys, "train", "--preset", "cpu", "--config", cfg)
     one_line(rc, err, "train", "--preset cpu and --config", "give one")
     assert not (tmp_path / "run").exists()
 
@@ -101,9 +108,8 @@ def test_preset_and_config_together_refused(capsys, data, tmp_path):
 @pytest.mark.parametrize("field,value,words", [("epochs", "one", "epochs 'one' (a whole number)"),
                                                ("epochs", 1.7, "epochs 1.7 (a whole number)"),
                                                ("amsgrad", "no", "amsgrad 'no' (true or false)")])
-def test_config_file_of_wrong_types(capsys, tmp_path, field, value, words):
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"out": str(tmp_path / "run"), field: value}))
+def test_config_file_of_wrong_types(capsys, data, tmp_path, field, value, words):
+    cfg = tiny_config(tmp_path / "c.json", data, out=str(tmp_path / "run"), **{field: value})
     one_line(*cli(capsys, "train", "--config", cfg)[::2], "train", "configuration fields of the wrong type", words)
     assert not (tmp_path / "run").exists()
 
