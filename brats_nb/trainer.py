@@ -859,12 +859,13 @@ def _to_bool(v):
 
 _CONVERT = {"int": int, "float": float, "str": str, "bool": _to_bool}
 
-def config_from_args(a):
-    "The TrainConfig of parsed `brats-nb train` arguments: file or preset, then the field options."
+def config_from_args(a, default_preset="paper"):
+    """The TrainConfig of parsed `brats-nb train` (or `ablation`) arguments: file or preset (`default_preset` when
+    neither is given), then the field options."""
     if a.config and a.preset:
         raise BratsError(f"--preset {a.preset} and --config {a.config}: give one (a configuration file holds every "
                          "field; a preset would be ignored)")
-    base = TrainConfig.from_file(a.config) if a.config else preset(a.preset or "paper")
+    base = TrainConfig.from_file(a.config) if a.config else preset(a.preset or default_preset)
     over = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     return TrainConfig.from_dict({**base.to_dict(), **over})
 

@@ -256,3 +256,15 @@ def test_read_only_folder_really(capsys, data, tmp_path):
     out.chmod(0o555)
     try: one_line(*cli(capsys, "predict", lesson_checkpoint(), data, "--out", out)[::2], "predict", "permission denied")
     finally: out.chmod(0o755)
+
+
+def test_ablation_preset_and_config(capsys, data, tmp_path):
+    "ablation refuses both too, and a configuration file alone still starts from it (not from the cpu preset)."
+    from brats_nb.cli import build_parser
+    from brats_nb.trainer import config_from_args
+    cfg = tiny_config(tmp_path / "c.json", data, channels=12)
+    rc, _, err = cli(capsys, "ablation", "--preset", "cpu", "--config", cfg, "--out", tmp_path / "abl")
+    one_line(rc, err, "ablation", "--preset cpu and --config", "give one")
+    a = build_parser().parse_args(["ablation", "--config", str(cfg), "--out", str(tmp_path / "abl")])
+    assert config_from_args(a, "cpu").channels == 12
+    assert not (tmp_path / "abl").exists()
