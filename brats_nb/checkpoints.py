@@ -89,7 +89,7 @@ def read_checkpoint(path, map_location="cpu"):
         raise BratsError(f"{path}: not a brats_nb checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     if not isinstance(ck.get("version"), int) or not 1 <= ck["version"] <= CHECKPOINT_VERSION:
         raise BratsError(f"{path}: checkpoint format version {ck.get('version')!r}; this brats_nb "
-                         f"({brats_nb.__version__}) reads version 1 to {CHECKPOINT_VERSION}: upgrade brats_nb")
+                         f"({brats_nb.__version__}) reads format versions up to {CHECKPOINT_VERSION}: upgrade brats_nb")
     return ck
 
 # %% ../nbs/04a_checkpoints.ipynb #219fe5d7

@@ -609,7 +609,8 @@ def restore_run(run: Run, resume=False, quiet=False):
             run.partial = dict(step=step, **p["ranks"][run.d.rank])
         _set_rng_state(ck["rng"])
         where = f"in epoch {run.start + 1} after step {step}" if step else f"after epoch {run.start}"
-        if run.d.main and not quiet: print(f"resuming {out} {where} (best mean Dice {run.best:.4f})")
+        best = f"best mean Dice {run.best:.4f}" if run.best >= 0 else "no validation yet"
+        if run.d.main and not quiet: print(f"resuming {out} {where} ({best})")
     elif (out / "latest.pt").exists() and not resume:
         raise BratsError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
 

@@ -170,7 +170,7 @@ def test_no_validation_said_and_leftover_removed_on_resume(capsys, data, tmp_pat
     rc, out, err = cli(capsys, "train", *TINY, "--data", data, "--val-fraction", "0", "--out", run, "--resume",
                        "--epochs", "2")
     assert rc == 0, err[-2000:]
-    assert not list(run.glob(".*.tmp")) and "resuming" in out
+    assert not list(run.glob(".*.tmp")) and "resuming" in out and "no validation yet" in out and "-1.0000" not in out
 
 
 # -- finding 7: the file system's errors, one line each; --debug shows the traceback
