@@ -297,7 +297,8 @@ def add_cli(sub):
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--config", help="a JSON training configuration to start from")
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="starting configuration (default: cpu)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="starting configuration (default: cpu; not with --config)")
     p.add_argument("--nproc", type=int, default=1,
                    help="train each run in this many processes under torchrun (one per GPU)")
     p.add_argument("--jobs", type=int, default=1,
@@ -305,7 +306,7 @@ def add_cli(sub):
                         "GPUs: each run on its own, in turn)")
     add_train_options(p, skip=("out",))  # each run's folder is OUT/<arm>_seed<k>
     def run(a):
-        cfg = config_from_args(a)
+        cfg = config_from_args(a, "cpu")
         check_apart(a.abl_out, [cfg.data or None])
         cores = os.cpu_count() or 1
         if a.jobs == 1 and a.nproc == 1 and cores > 1 and not (cfg.device != "cpu" and torch.cuda.is_available()):

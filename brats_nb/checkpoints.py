@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import copy
+import errno
 import importlib
 import io
 import json
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,18 +24,27 @@ from .core import BratsError, atomic_path, write_text_atomic
 from .model import build_model
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'LESSON_FILE', 'REAL_FILE', 'EXPORT_FORMATS', 'CONFIG_KEY', 'EXAMPLE', 'CHECK', 'TOLERANCE',
-           'ONNX_OPSET', 'ONNX_EXPORTERS', 'save_checkpoint', 'read_checkpoint', 'use_channels_last', 'load_model',
-           'lesson_checkpoint', 'lesson_model', 'real_checkpoint', 'real_model_card', 'float32_rounding',
-           'export_torchscript', 'export_onnx', 'export_safetensors', 'load_safetensors', 'export_model',
-           'add_export_cli']
+__all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'LESSON_FILE', 'REAL_FILE', 'EXPORT_FORMATS', 'CONFIG_KEY', 'EXAMPLE',
+           'CHECK', 'TOLERANCE', 'ONNX_OPSET', 'ONNX_EXPORTERS', 'save_checkpoint', 'read_checkpoint',
+           'use_channels_last', 'load_model', 'lesson_checkpoint', 'lesson_model', 'real_checkpoint', 'real_model_card',
+           'float32_rounding', 'export_torchscript', 'export_onnx', 'export_safetensors', 'load_safetensors',
+           'export_model', 'add_export_cli']
 
 # %% ../nbs/04a_checkpoints.ipynb #991d9b9f
 CHECKPOINT_FORMAT = "brats_nb-checkpoint"
+CHECKPOINT_VERSION = 1   # the layout this brats_nb writes and reads; a newer one is refused by name
 
 def save_checkpoint(path, **state):
-    "Write a checkpoint dict atomically (temporary file in the same folder, then rename)."
-    with atomic_path(path) as tmp: torch.save({"format": CHECKPOINT_FORMAT, "version": 1, **state}, tmp)
+    """Write a checkpoint dict atomically (temporary file in the same folder, then rename). It is serialised in memory
+    first, so that a full disk is Python's `OSError` (not torch's C++ one) and can say how much room it needed."""
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, buf)
+    try:
+        with atomic_path(path) as tmp: Path(tmp).write_bytes(buf.getbuffer())
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+        raise OSError(e.errno, f"no space left on the device for a checkpoint of {buf.tell() / 1e6:.1f} MB",
+                      str(path)) from None
     return Path(path)
 
 # %% ../nbs/04a_checkpoints.ipynb #7d1c3a52
@@ -48,14 +59,37 @@ def _load_error(e):
     first = msg.splitlines()[0].strip().rstrip(".") if msg else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
+# %% ../nbs/04a_checkpoints.ipynb #3cb85e53
+_EXPORTED = {"torchscript": "a TorchScript file (`brats-nb export`), not a checkpoint: a compiled network without its "
+                            "configuration or training state; run it in Python with `torch.jit.load(path)`, or give "
+                            "the checkpoint it was exported from",
+             "safetensors": "a safetensors file (`brats-nb export --format safetensors`), not a checkpoint: weights "
+                            "and configuration, but no training state; load the network in Python with "
+                            "`brats_nb.checkpoints.load_safetensors(path)`, or give the checkpoint it was exported "
+                            "from"}
+
+def _exported_kind(path):
+    "'torchscript' or 'safetensors' for a file of those kinds (by its bytes), else None."
+    with open(path, "rb") as f: head = f.read(9)
+    if len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z: names = z.namelist()
+        if any(n.split("/", 1)[-1] == "constants.pkl" for n in names): return "torchscript"
+    return None
+
 def read_checkpoint(path, map_location="cpu"):
     "Load a brats_nb checkpoint safely (`weights_only=True`); a clear error for a missing, corrupt or foreign file."
     path = Path(path)
     if not path.is_file(): raise BratsError(f"{path}: no such checkpoint")
+    if kind := _exported_kind(path): raise BratsError(f"{path}: {_EXPORTED[kind]}")
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise BratsError(f"{path}: not a readable checkpoint ({_load_error(e)})") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise BratsError(f"{path}: not a brats_nb checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    if not isinstance(ck.get("version"), int) or not 1 <= ck["version"] <= CHECKPOINT_VERSION:
+        raise BratsError(f"{path}: checkpoint format version {ck.get('version')!r}; this brats_nb "
+                         f"({brats_nb.__version__}) reads format versions up to {CHECKPOINT_VERSION}: upgrade brats_nb")
     return ck
 
 # %% ../nbs/04a_checkpoints.ipynb #219fe5d7

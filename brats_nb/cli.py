@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import re
 import sys
+from pathlib import Path
 
 import brats_nb
 from .core import BratsError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'BENCHES', 'OS_ADVICE', 'build_parser', 'os_error_line', 'main']
 
 # %% ../nbs/10_cli.ipynb #97259f44
 COMMANDS = [("brats_nb.data", "add_cli"), ("brats_nb.synth", "add_cli"), ("brats_nb.pipeline", "add_cli"),
@@ -37,6 +41,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="brats-nb",
                                 description="brats_nb: 3D brain tumour segmentation (DMFNet + MIE, SIE, BSC).")
     p.add_argument("--version", action="version", version=f"brats_nb {brats_nb.__version__}")
+    p.add_argument("--debug", action="store_true", help="on an error, show the whole traceback (for a bug report)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _register(COMMANDS, sub)
     b = sub.add_parser("bench", help="speed and memory benchmarks (print tables)",
@@ -45,6 +50,34 @@ def build_parser():
     _register(BENCHES, bsub)
     b.set_defaults(func=lambda a: b.print_help() or 2)
     return p
+
+# %% ../nbs/10_cli.ipynb #51edf643
+_TMP_NAME = re.compile(r"^\.(.+)\.[^.]+\.tmp(\.[\w.]*)?$")   # atomic_path's temporary files: .NAME.RANDOM.tmp[SUFFIX]
+
+def _user_path(name):
+    "The path a user asked for, for an OSError on one of `atomic_path`'s temporary files beside it."
+    p = Path(os.fsdecode(name))
+    m = _TMP_NAME.match(p.name)
+    return str(p.with_name(m.group(1))) if m else str(p)
+
+_FULL = ("no space left on the device", "nothing half-written is left (files are replaced only when complete); "
+         "free some space or choose another --out")
+OS_ADVICE = {errno.ENOSPC: _FULL, errno.EDQUOT: ("disk quota exceeded", _FULL[1]),
+             errno.EROFS: ("read-only file system", "choose an output path on a disk you can write to (--out)"),
+             errno.EACCES: ("permission denied", "choose a path you may write to, or change its permissions"),
+             errno.EPERM: ("operation not permitted", "choose a path you may write to, or change its permissions"),
+             errno.EEXIST: ("exists already, and is not a folder", "remove it or choose another path"),
+             errno.ENOTDIR: ("a part of this path is a file, not a folder", "choose another path"),
+             errno.EISDIR: ("is a folder, not a file", "give a file name"),
+             errno.ENOENT: ("no such file or folder", "check the path")}
+
+def os_error_line(e: OSError):
+    """What happened, which path and what to do, in one line, for an `OSError` that a user's paths or disk caused. A
+    message of the code that raised it (not the system's standard one) is kept: it knows more (e.g. the size needed)."""
+    what, todo = OS_ADVICE.get(e.errno, (e.strerror or str(e), "check the path and the disk"))
+    if e.strerror and e.errno is not None and e.strerror != os.strerror(e.errno): what = e.strerror
+    where = f"{_user_path(e.filename)}: " if e.filename else ""
+    return f"{where}{what}; {todo}"
 
 # %% ../nbs/10_cli.ipynb #4c2e9a71
 def main(argv=None):
@@ -56,8 +89,10 @@ def main(argv=None):
         return 2
     try:
         rc = a.func(a)
-    except BratsError as e:
-        print(f"brats-nb {a.command}: error: {e}", file=sys.stderr)
+    except (BratsError, OSError) as e:
+        if a.debug: raise
+        line = os_error_line(e) if isinstance(e, OSError) else str(e)
+        print(f"brats-nb {a.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"brats-nb {a.command}: interrupted", file=sys.stderr)

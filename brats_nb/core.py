@@ -34,7 +34,10 @@ def atomic_path(path, suffix=""):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
+        try: yield Path(tmp)
+        except OSError as e:      # a failed write (a full disk) names no file: name the one being written
+            if e.filename is None and e.errno is not None: raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

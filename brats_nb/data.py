@@ -309,6 +309,9 @@ def load_case(case_dir, label_convention=None, load_label=True) -> Case:
         bad = ~np.isfinite(data)
         if bad.any(): raise BratsError(f"{files.paths[m]}: {int(bad.sum())} voxels are NaN or infinite")
         vols.append(data)
+    if not any(v.any() for v in vols):
+        raise BratsError(f"case {files.name} ({files.path}): all four modalities are 0 everywhere, so there is no "
+                         "brain to normalise (an empty brain mask); remove the case from the folder or export it again")
     label = None
     convention = label_convention or {"brats2023": "brats2023", "men-rt": "men-rt"}.get(files.naming, "brats2017")
     if load_label and files.seg is not None:
@@ -895,6 +898,8 @@ def add_cli(sub):
     p.add_argument("--margin", type=int, default=4, help="voxels kept around the brain (default 4)")
     def run(a):
         if a.spacing <= 0: raise BratsError(f"--spacing must be positive, got {a.spacing}")
+        if a.margin < 0:
+            raise BratsError(f"--margin {a.margin} must be >= 0 voxels (a negative one cuts into the brain)")
         check_apart(a.out, [a.data_dir])      # `--out DATA_DIR` would replace the originals with their copies
         dirs = downsample_folder(a.data_dir, a.out, a.spacing, a.margin)
         print(f"wrote {len(dirs)} cases under {Path(a.out).resolve()}")

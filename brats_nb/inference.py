@@ -505,6 +505,9 @@ def _run_predict(a):
     if device.type == "cpu": ThreadGovernor().update()   # the cores other processes leave idle (or OMP_NUM_THREADS)
     if a.et_threshold is not None and a.et_threshold < 0:
         raise BratsError(f"--et-threshold must be >= 0, got {a.et_threshold}")
+    if a.roi_size is not None and not a.sliding_window:
+        raise BratsError(f"--roi-size {a.roi_size} is the window of --sliding-window: add --sliding-window, or drop "
+                         "--roi-size to predict the whole volume at once")
     cases = find_cases(a.data_dir)  # bad data fails before the model is loaded and before anything is written
     check_apart(a.out, [a.data_dir])
     ckpt = a.checkpoint or real_checkpoint()

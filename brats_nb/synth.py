@@ -289,6 +289,7 @@ def add_cli(sub):
     def run(a):
         if a.n < 1 or a.start < 0:
             raise BratsError(f"--n must be at least 1 and --start at least 0, got {a.n} and {a.start}")
+        if min(a.shape) < 16: raise BratsError(f"--shape {' '.join(map(str, a.shape))}: each edge must be >= 16 voxels")
         dirs = make_samples(a.out_dir, a.n, a.seed, tuple(a.shape), a.naming, a.start)
         print(f"wrote {len(dirs)} cases under {Path(a.out_dir).resolve()}")
     p.set_defaults(func=run)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -25,7 +26,8 @@ import torch
 import torch.distributed as dist
 from fastcore.basics import patch
 
-from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, check_norm, pick_device
+from .core import (BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, check_norm, pick_device,
+                           write_text_atomic)
 from .data import REGIONS, find_cases, label_convention_of, n_classes, class_regions
 from .synth import heldout_dir, samples_dir
 from .model import ARMS, arm_network, arm_uses_bsc, build_model
@@ -37,11 +39,12 @@ from .memory import CONTEXT_GIB, largest_batch, needed_gib, step_peak
 from .inference import EvalProtocol, case_means, evaluate_cases
 
 # %% auto #0
-__all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'LOSS_KEYS', 'TrainConfig', 'preset', 'poly_lambda', 'Dist',
-           'setup_distributed', 'run_device', 'rank_batch', 'EpochSampler', 'split_cases', 'config_cases', 'amp_setup',
-           'train_step', 'StopRequest', 'read_log', 'Run', 'memory_verdict', 'setup_run', 'restore_run', 'run_state',
-           'train_epoch', 'validate', 'finish_epoch', 'train', 'curve_widget', 'plot_curves', 'config_from_args',
-           'add_train_options', 'torchrun_command', 'train_torchrun', 'add_cli']
+__all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'RUN_FILES', 'LOSS_KEYS', 'TrainConfig', 'preset',
+           'poly_lambda', 'Dist', 'setup_distributed', 'run_device', 'rank_batch', 'EpochSampler', 'split_cases',
+           'config_cases', 'amp_setup', 'train_step', 'StopRequest', 'read_log', 'Run', 'memory_verdict', 'setup_run',
+           'remove_leftovers', 'restore_run', 'run_state', 'train_epoch', 'validate', 'finish_epoch', 'train',
+           'curve_widget', 'plot_curves', 'config_from_args', 'add_train_options', 'torchrun_command', 'train_torchrun',
+           'add_cli']
 
 # %% ../nbs/09_trainer.ipynb #46b5effc
 # long cell: one dataclass; its fields are read together, in named groups (a CLI option each: --crop-size ...)
@@ -171,6 +174,24 @@ def check(self: TrainConfig):
         raise BratsError("spacing and fg_balance 'class' work on the training cache: "
                          "set cache_dir ('auto' or a folder)")
     self.keypoints                                          # valid key point settings
+    return self.check_ranges()
+
+# %% ../nbs/09_trainer.ipynb #6a266ace
+_AT_LEAST = (("max_cases", 0, "0: all cases"), ("workers", 0, "0: load in the training process"),
+             ("weight_decay", 0, "0: none"), ("poly_power", 0, "0: a constant rate"), ("samples_per_case", 1, ""),
+             ("channels", 1, ""), ("mid_channels", 1, ""), ("groups", 1, ""), ("crop_size", 16, "a multiple of 16"))
+
+def _option(name): return f"{name} (--{name.replace('_', '-')})"
+
+@patch
+def check_ranges(self: TrainConfig):
+    "Raise a BratsError, with the range, for a number outside it; returns self."
+    for name, lo, note in _AT_LEAST:
+        if not getattr(self, name) >= lo:
+            raise BratsError(f"{_option(name)} {getattr(self, name)} must be >= {lo}" + (f" ({note})" if note else ""))
+    if not self.lr > 0: raise BratsError(f"{_option('lr')} {self.lr} must be > 0")
+    if not 0 <= self.val_fraction < 1:
+        raise BratsError(f"{_option('val_fraction')} {self.val_fraction} must be in [0, 1) (0: no validation split)")
     return self
 
 # %% ../nbs/09_trainer.ipynb #06a98613
@@ -186,14 +207,29 @@ def val_protocol(self: TrainConfig):
 def to_dict(self: TrainConfig): return asdict(self)
 
 @patch
-def save(self: TrainConfig, path): Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+def save(self: TrainConfig, path): write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 # %% ../nbs/09_trainer.ipynb #6b58ad7a
+_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+          "str": ((str,), "a string")}
+
+def _type_errors(cls, d):
+    "The fields of `d` whose values are not of the type their annotation in `cls` names (a bool is no number)."
+    bad = []
+    for f in fields(cls):
+        if f.name not in d: continue
+        types, what = _KINDS[str(f.type)]
+        v = d[f.name]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            bad.append(f"{f.name} {v!r} ({what})")
+    return bad
+
 @patch(cls_method=True)
 def from_dict(cls: TrainConfig, d):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown: raise BratsError(f"unknown configuration fields {unknown}; known: {sorted(known)}")
+    if bad := _type_errors(cls, d): raise BratsError(f"configuration fields of the wrong type: {'; '.join(bad)}")
     return cls(**d).check()
 
 @patch(cls_method=True)
@@ -401,11 +437,12 @@ LOG_FIELDS = ["epoch", "lr", "loss", "gdl", "ce", "bsc", "val_WT", "val_TC", "va
               "compute_s", "world", "threads"]
 
 def _log_row(path, row):
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
-        if new: w.writeheader()
-        w.writerow(row)
+    "Append `row` to the log; the whole file is rewritten atomically, so that a full disk never leaves half a row."
+    f = io.StringIO()
+    w = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
+    if not path.exists(): w.writeheader()
+    w.writerow(row)
+    write_text_atomic(path, (path.read_text() if path.exists() else "") + f.getvalue())
 
 def read_log(run_dir):
     "The metrics log of a run as a list of dicts (numbers as floats)."
@@ -528,6 +565,18 @@ def setup_run(cfg: TrainConfig):
     return Run(cfg, d, device, Path(cfg.out), train_cases, val_cases, ds, sampler, loader_kw, model, net, opt, sched,
                amp, scaler, amp_name, loss_fn, threads, convention=conv, model_kwargs=mk)
 
+# %% ../nbs/09_trainer.ipynb #57760b62
+RUN_FILES = ("latest.pt", "best.pt", "config.json", "metrics.csv")
+
+def remove_leftovers(out):
+    "Delete the temporary files of `atomic_path` that a killed run left beside its files in `out`; returns their names."
+    out, gone = Path(out), []
+    for name in RUN_FILES:
+        for p in out.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    return gone
+
 # %% ../nbs/09_trainer.ipynb #651b07f3
 def restore_run(run: Run, resume=False, quiet=False):
     """Continue from `latest.pt` of the run folder (`resume`), or refuse to overwrite a run that is there. A checkpoint
@@ -560,7 +609,8 @@ def restore_run(run: Run, resume=False, quiet=False):
             run.partial = dict(step=step, **p["ranks"][run.d.rank])
         _set_rng_state(ck["rng"])
         where = f"in epoch {run.start + 1} after step {step}" if step else f"after epoch {run.start}"
-        if run.d.main and not quiet: print(f"resuming {out} {where} (best mean Dice {run.best:.4f})")
+        best = f"best mean Dice {run.best:.4f}" if run.best >= 0 else "no validation yet"
+        if run.d.main and not quiet: print(f"resuming {out} {where} ({best})")
     elif (out / "latest.pt").exists() and not resume:
         raise BratsError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
 
@@ -716,6 +766,7 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False, stop=None):
                 "the run folder (out)")
     with stop:   # from here on SIGTERM and SIGUSR1 ask for a stop instead of ending the process
         run = setup_run(cfg)
+        if run.d.main: remove_leftovers(run.out)
         restore_run(run, resume, quiet)
         d = run.d
         if d.main:
@@ -809,9 +860,13 @@ def _to_bool(v):
 
 _CONVERT = {"int": int, "float": float, "str": str, "bool": _to_bool}
 
-def config_from_args(a):
-    "The TrainConfig of parsed `brats-nb train` arguments: file or preset, then the field options."
-    base = TrainConfig.from_file(a.config) if a.config else preset(a.preset)
+def config_from_args(a, default_preset="paper"):
+    """The TrainConfig of parsed `brats-nb train` (or `ablation`) arguments: file or preset (`default_preset` when
+    neither is given), then the field options."""
+    if a.config and a.preset:
+        raise BratsError(f"--preset {a.preset} and --config {a.config}: give one (a configuration file holds every "
+                         "field; a preset would be ignored)")
+    base = TrainConfig.from_file(a.config) if a.config else preset(a.preset or default_preset)
     over = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     return TrainConfig.from_dict({**base.to_dict(), **over})
 
@@ -875,7 +930,8 @@ def add_cli(sub):
                                    "SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint; "
                                    "--resume continues it.")
     p.add_argument("--config", help="a JSON configuration (e.g. a run's config.json)")
-    p.add_argument("--preset", choices=list(PRESETS), default="paper", help="starting configuration (default: paper)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="starting configuration (default: paper; not with --config)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest.pt (start it if there is none)")
     p.add_argument("--nproc", type=int, default=1,
@@ -890,11 +946,14 @@ def add_cli(sub):
                    help="the rendezvous' name, the same on every machine (Slurm: $SLURM_JOB_ID)")
     add_train_options(p)
     def run(a):
+        if a.nproc < 1 or a.nnodes < 1:
+            raise BratsError(f"--nproc {a.nproc} and --nnodes {a.nnodes} must be at least 1")
         cfg = config_from_args(a)
         # start torchrun with this very configuration
         if (a.nproc > 1 or a.nnodes > 1 or a.rdzv_endpoint) and "WORLD_SIZE" not in os.environ:
             return train_torchrun(cfg, a.nproc, a.resume, a.nnodes, a.node_rank, a.rdzv_endpoint, a.rdzv_id)
         s = train(cfg, resume=a.resume)
         if int(os.environ.get("RANK", "0")) == 0 and not s["stopped"]:
-            print(f"done: {s['out']} (best mean validation Dice {s['best_val_mean']:.4f})")
+            print(f"done: {s['out']} " + (f"(best mean validation Dice {s['best_val_mean']:.4f})" if s["val_cases"] else
+                                          "(no validation was run: no validation cases; latest.pt is the last epoch)"))
     p.set_defaults(func=run)
