@@ -16,9 +16,9 @@ from brats_nb.synth import SAMPLES_DIR
 
 
 def copy_cases(dst, names=("Synth_000", "Synth_001")):
-    "A data folder holding copies of the named samples."
+    "A data folder holding copies of the named samples (without key point files an older brats_nb left beside them)."
     dst.mkdir(parents=True, exist_ok=True)
-    for n in names: shutil.copytree(SAMPLES_DIR / n, dst / n)
+    for n in names: shutil.copytree(SAMPLES_DIR / n, dst / n, ignore=shutil.ignore_patterns("*_keypoints*"))
     return dst
 
 
