@@ -227,7 +227,8 @@ def detect_label_convention(label, naming="brats2017", path="label map", name=""
     def fail(why):
         raise BratsError(f"{path}: label values {shown} {why}; say which convention it is: "
                          "load_case(..., label_convention=...) "
-                         f"or `brats-nb evaluate --convention`, one of {', '.join(CONVENTIONS)}")
+                         "or the command's --convention (preprocess, train, predict, evaluate), "
+                         f"one of {', '.join(CONVENTIONS)}")
     unknown = values - {0, 1, 2, 3, 4}
     if unknown: fail(f"include {sorted(unknown)}, which no BraTS convention uses")
     if str(name).startswith("BraTS-PED"):              # 2023: the GLI labels; 2024: 1 ET, 2 NETC, 3 CC, 4 ED

@@ -231,3 +231,20 @@ def test_stored_keypoint_maps_equal_those_beside_the_case(tmp_path, monkeypatch)
     stored.unlink()                                                              # the dataset reads the stored map
     ds._cache.clear()
     with pytest.raises(BratsError, match="missing"): ds[0]
+
+
+def test_an_undecidable_label_names_the_option_of_every_command(tmp_path, capsys, monkeypatch):
+    """Issue 24, finding 8: a label map whose convention its values do not decide sent every command's user to
+    `brats-nb evaluate --convention`; the message now names the option of the command in hand."""
+    import nibabel as nib
+    import numpy as np
+    monkeypatch.setenv("BRATS_NB_CACHE", str(tmp_path / "cache"))
+    data = copy_cases(tmp_path / "data", names=("Synth_000",))
+    seg = seg_of(data / "Synth_000")
+    img = nib.load(str(seg))
+    lab = np.asarray(img.dataobj).astype(np.uint8)
+    lab[lab == 4] = 7                                            # a value no BraTS convention uses
+    nib.save(nib.Nifti1Image(lab, img.affine), str(seg))
+    rc, out, err = cli(capsys, "preprocess", data, "--workers", "1", "--t", "2", "--no-progress")
+    text = out + err
+    assert "evaluate --convention" not in text and "--convention (preprocess, train, predict, evaluate)" in text
