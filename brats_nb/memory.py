@@ -69,8 +69,8 @@ def _fake_model(variant, channels_last, model_kwargs):
 def _param_bytes(net): return sum(p.numel() * p.element_size() for p in net.parameters())
 
 # %% ../nbs/06a_memory.ipynb #23d8e279
-def step_peak(variant="all", batch=8, crop=128, amp="bf16", channels_last=False, bsc_weight=0.1, amsgrad=True,
-              **model_kwargs) -> dict:
+def _count_step(variant="all", batch=8, crop=128, amp="bf16", channels_last=False, bsc_weight=0.1, amsgrad=True,
+                **model_kwargs) -> dict:
     """Peak memory (bytes) of one training step of arm `variant`: `batch` crops of `crop`³ under `amp` autocast.
     Returns dict(tensors (the step's peak: parameters, batch, activations, gradients), optimizer, total)."""
     if batch < 1 or crop < 16 or crop % 16: raise BratsError(f"batch {batch} >= 1 and crop {crop}: a multiple of 16")
@@ -91,9 +91,25 @@ def step_peak(variant="all", batch=8, crop=128, amp="bf16", channels_last=False,
         opt = _param_bytes(net) * ((3 if amsgrad else 2) + 1)   # Adam's moments (+ AMSGrad's max) and the step's copies
     return dict(tensors=pm.peak, optimizer=opt, total=pm.peak + opt)
 
+# %% ../nbs/06a_memory.ipynb #16783eae
+_COUNTS = {}
+
+def _remembered(count, *args, **kw):
+    "`count(*args, **kw)`, made once per process for the same arguments (lists taken as tuples)."
+    key = (count.__name__, args, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items())))
+    if key not in _COUNTS: _COUNTS[key] = count(*args, **kw)
+    return _COUNTS[key]
+
+def step_peak(variant="all", batch=8, crop=128, amp="bf16", channels_last=False, bsc_weight=0.1, amsgrad=True,
+              **model_kwargs) -> dict:
+    """Peak memory (bytes) of one training step of arm `variant`: `batch` crops of `crop`³ under `amp` autocast.
+    Returns dict(tensors (the step's peak: parameters, batch, activations, gradients), optimizer, total)."""
+    return dict(_remembered(_count_step, variant, batch, crop, amp, channels_last, bsc_weight, amsgrad,
+                            **model_kwargs))
+
 # %% ../nbs/06a_memory.ipynb #a85d77f0
-def predict_peak(variant="all", shape=(240, 240, 155), flips_per_pass=8, amp="bf16", channels_last=False,
-                 **model_kwargs) -> int:
+def _count_predict(variant="all", shape=(240, 240, 155), flips_per_pass=8, amp="bf16", channels_last=False,
+                   **model_kwargs) -> int:
     "Peak memory (bytes) of whole-volume prediction of a `shape` volume with `flips_per_pass` flipped copies per pass."
     if not 1 <= flips_per_pass <= 8: raise BratsError(f"flips_per_pass {flips_per_pass}: 1 to 8")
     dtype = _autocast_dtype(amp)
@@ -110,6 +126,12 @@ def predict_peak(variant="all", shape=(240, 240, 155), flips_per_pass=8, amp="bf
             total = p[:1].clone()
             for j in range(1, flips_per_pass): total.add_(p[j:j + 1].flip(2))
     return pm.peak
+
+# %% ../nbs/06a_memory.ipynb #7bb71ff5
+def predict_peak(variant="all", shape=(240, 240, 155), flips_per_pass=8, amp="bf16", channels_last=False,
+                 **model_kwargs) -> int:
+    "Peak memory (bytes) of whole-volume prediction of a `shape` volume with `flips_per_pass` flipped copies per pass."
+    return _remembered(_count_predict, variant, tuple(shape), flips_per_pass, amp, channels_last, **model_kwargs)
 
 # %% ../nbs/06a_memory.ipynb #3fae500a
 CONTEXT_GIB = 1.0   # CUDA context, cuDNN/cuBLAS handles and workspaces before the first tensor (stated, not measured)
