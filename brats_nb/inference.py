@@ -62,8 +62,6 @@ def _as_image(image):
     return x
 
 # %% ../nbs/08_inference.ipynb #23fb7d45
-_FLIPS_FIT = {}
-
 def tta_flips_that_fit(model, shape, available_gib, amp="bf16"):
     """The most flipped copies per pass (8, 4, 2 or 1) of a brats_nb network `model` on a padded volume of `shape` whose
     peak fits `available_gib` GiB of free device memory (the planner's count with its margin; the context is already
@@ -72,12 +70,9 @@ def tta_flips_that_fit(model, shape, available_gib, amp="bf16"):
     if not cfg: return 1
     kw = {k: v for k, v in cfg.items() if k != "variant"}
     cl = getattr(model, "memory_format", None) == torch.channels_last_3d     # set by `DMFNet.channels_last`
-    key = (repr(sorted(cfg.items())), tuple(shape), amp, cl, round(available_gib, 1))
-    if key not in _FLIPS_FIT:
-        fits = [k for k in (8, 4, 2, 1)
-                if needed_gib(predict_peak(cfg["variant"], shape, k, amp, cl, **kw)) - CONTEXT_GIB <= available_gib]
-        _FLIPS_FIT[key] = fits[0] if fits else 1
-    return _FLIPS_FIT[key]
+    fits = [k for k in (8, 4, 2, 1)                                          # counts remembered by `predict_peak`
+            if needed_gib(predict_peak(cfg["variant"], shape, k, amp, cl, **kw)) - CONTEXT_GIB <= available_gib]
+    return fits[0] if fits else 1
 
 def _flips_per_pass(model, n_flips, sliding_window, tta_batch, shape, device, amp):
     if sliding_window or n_flips == 1: return 1
