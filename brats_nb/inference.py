@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ from .metrics import dice, flat_metrics, load_prediction, region_metrics
 from .checkpoints import load_model, real_checkpoint
 
 # %% auto #0
-__all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'tta_flips_that_fit', 'predict_volume', 'postprocess_et',
-           'drop_coreless', 'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled', 'EvalProtocol',
-           'case_means', 'evaluate_cases', 'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer',
+__all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'tta_flips_that_fit', 'windows_per_pass', 'predict_volume',
+           'postprocess_et', 'drop_coreless', 'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled',
+           'EvalProtocol', 'case_means', 'evaluate_cases', 'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer',
            'show_prediction', 'tta_uncertainty', 'add_cli', 'model_in_channels', 'benchmark_inference',
            'format_inference_bench']
 
@@ -82,13 +83,20 @@ def _flips_per_pass(model, n_flips, sliding_window, tta_batch, shape, device, am
     dt = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(device, amp)]
     return tta_flips_that_fit(model, shape, (free + torch.cuda.memory_reserved(device)) / 2**30, dt)
 
+# %% ../nbs/08_inference.ipynb #acd74f26
+def windows_per_pass(roi, device, budget=2**20, most=16):
+    "Default sliding windows per forward pass: on the CPU as many `roi` windows as fit `budget` voxels (1-`most`)."
+    if torch.device(device).type != "cpu": return 1
+    return max(1, min(most, budget // math.prod(roi)))
+
 # %% ../nbs/08_inference.ipynb #792d9017
 @torch.no_grad()
-def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, overlap=0.5, sw_batch_size=1,
+def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, overlap=0.5, sw_batch_size=None,
                    device=None, amp=False, multiple=16, tta_batch=None):
     """Class probabilities (C, *spatial) float32 on the CPU for a normalised `image` (4, *spatial): padded, optionally
     flip-TTA and sliding windows. With TTA on whole volumes, `tta_batch` flipped copies go through the network in one
-    forward pass (default: on a GPU as many as its free memory holds, `tta_flips_that_fit`; 1 on the CPU)."""
+    forward pass (default: on a GPU as many as its free memory holds, `tta_flips_that_fit`; 1 on the CPU). Sliding
+    windows go `sw_batch_size` at a time (default `windows_per_pass`)."""
     x = _as_image(image)
     device = torch.device(device) if device is not None else _model_device(model)
     nd = x.ndim - 1
@@ -100,7 +108,8 @@ def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, 
             raise BratsError(f"roi_size {roi_size} must be {nd} positive multiples of {multiple}")
         if not 0 <= overlap < 1: raise BratsError(f"overlap must be in [0, 1), got {overlap}")
         roi = tuple(min(r, s) for r, s in zip(roi, xp.shape[2:]))
-        run = lambda t: sliding_window_inference(t, roi, sw_batch_size, model, overlap=overlap, mode="gaussian",
+        sw = sw_batch_size or windows_per_pass(roi, device)
+        run = lambda t: sliding_window_inference(t, roi, sw, model, overlap=overlap, mode="gaussian",
                                                  sw_device=device, device=torch.device("cpu"))
     else:
         xp, run = xp.to(device), model
@@ -163,7 +172,7 @@ def argmax_classes(probs, mask=None):
 
 # %% ../nbs/08_inference.ipynb #2ba6a620
 def predict_case(model, case, out_path=None, tta=False, sliding_window=False, postprocess=True, et_threshold=500,
-                 convention=None, roi_size=128, overlap=0.5, sw_batch_size=1, device=None, amp=False,
+                 convention=None, roi_size=128, overlap=0.5, sw_batch_size=None, device=None, amp=False,
                  return_probs=False, mask_background=True, need_core=False, spacing=0.0):
     """Label map (X, Y, Z) uint8 of a case (folder or `Case`) in its label convention; written as NIfTI to `out_path`
     if given. With `mask_background`, voxels outside the brain (all modalities 0) are background whatever the network
@@ -432,19 +441,23 @@ REGION_CLASSES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}   # softmax classes
 @torch.no_grad()
 def tta_uncertainty(model, case, region="WT", device=None):
     """(spread, mean): per voxel the standard deviation and the mean over the 8 flips of P(`region`), float32 (X, Y, Z);
-    0 outside the brain."""
+    0 outside the brain. `region` may be several (`("WT", "TC", "ET")`): then a dict region -> (spread, mean), from
+    one run of the 8 flips."""
     if not isinstance(case, Case): case = load_case(case)
-    if region not in REGION_CLASSES: raise BratsError(f"unknown region {region!r}; use WT, TC or ET")
+    regions = (region,) if isinstance(region, str) else tuple(region)
+    for r in regions:
+        if r not in REGION_CLASSES: raise BratsError(f"unknown region {r!r}; use WT, TC or ET")
     x = normalize(case.image)
-    probs = []
+    probs = {r: [] for r in regions}
     for f in tta_flips():
         axes = tuple(d - 1 for d in f)               # tensor dims (B, C, X, Y, Z) -> array axes (C, X, Y, Z)
         pr = predict_volume(model, np.ascontiguousarray(np.flip(x, axes)) if f else x, device=device).numpy()
         pr = np.flip(pr, axes) if f else pr
-        probs.append(pr[list(REGION_CLASSES[region])].sum(0))
-    probs = np.stack(probs)
+        for r in regions: probs[r].append(pr[list(REGION_CLASSES[r])].sum(0))
     inside = brain_mask(case.image)
-    return (probs.std(0) * inside).astype(np.float32), (probs.mean(0) * inside).astype(np.float32)
+    out = {r: ((np.std(p, 0) * inside).astype(np.float32), (np.mean(p, 0) * inside).astype(np.float32))
+           for r, p in probs.items()}
+    return out[region] if isinstance(region, str) else out
 
 # %% ../nbs/08_inference.ipynb #f93af999
 def add_cli(sub):
