@@ -199,6 +199,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                     'brats_nb.inference._prediction_inputs': ('inference.html#_prediction_inputs', 'brats_nb/inference.py'),
                                     'brats_nb.inference._run_predict': ('inference.html#_run_predict', 'brats_nb/inference.py'),
                                     'brats_nb.inference._sync': ('inference.html#_sync', 'brats_nb/inference.py'),
+                                    'brats_nb.inference._window': ('inference.html#_window', 'brats_nb/inference.py'),
                                     'brats_nb.inference.add_cli': ('inference.html#add_cli', 'brats_nb/inference.py'),
                                     'brats_nb.inference.argmax_classes': ('inference.html#argmax_classes', 'brats_nb/inference.py'),
                                     'brats_nb.inference.benchmark_inference': ( 'inference.html#benchmark_inference',

@@ -89,6 +89,15 @@ def windows_per_pass(roi, device, budget=2**20, most=16):
     if torch.device(device).type != "cpu": return 1
     return max(1, min(most, budget // math.prod(roi)))
 
+def _window(roi_size, overlap, padded, multiple):
+    "The sliding window's edge per axis, checked, at most the `padded` volume's."
+    nd = len(padded)
+    roi = (roi_size,) * nd if isinstance(roi_size, int) else tuple(roi_size)
+    if len(roi) != nd or any(r <= 0 or r % multiple for r in roi):
+        raise BratsError(f"roi_size {roi_size} must be {nd} positive multiples of {multiple}")
+    if not 0 <= overlap < 1: raise BratsError(f"overlap must be in [0, 1), got {overlap}")
+    return tuple(min(r, s) for r, s in zip(roi, padded))
+
 # %% ../nbs/08_inference.ipynb #792d9017
 @torch.no_grad()
 def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, overlap=0.5, sw_batch_size=None,
@@ -103,11 +112,7 @@ def predict_volume(model, image, tta=False, sliding_window=False, roi_size=128, 
     xp, size = pad_to_multiple(x[None], multiple)
     if sliding_window:
         from monai.inferers import sliding_window_inference
-        roi = (roi_size,) * nd if isinstance(roi_size, int) else tuple(roi_size)
-        if len(roi) != nd or any(r <= 0 or r % multiple for r in roi):
-            raise BratsError(f"roi_size {roi_size} must be {nd} positive multiples of {multiple}")
-        if not 0 <= overlap < 1: raise BratsError(f"overlap must be in [0, 1), got {overlap}")
-        roi = tuple(min(r, s) for r, s in zip(roi, xp.shape[2:]))
+        roi = _window(roi_size, overlap, tuple(xp.shape[2:]), multiple)
         sw = sw_batch_size or windows_per_pass(roi, device)
         run = lambda t: sliding_window_inference(t, roi, sw, model, overlap=overlap, mode="gaussian",
                                                  sw_device=device, device=torch.device("cpu"))
