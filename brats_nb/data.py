@@ -5,8 +5,6 @@
 # %% ../nbs/00_data.ipynb #af113974
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import re
 from dataclasses import dataclass
@@ -19,14 +17,12 @@ import torch
 from .core import BratsError, atomic_path, bbox, check_apart
 
 # %% auto #0
-__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'LABEL_COLORS', 'AXES',
-           'TISSUE_COLORS', 'ERROR_COLORS', 'naming_modalities', 'LabelConvention', 'get_convention', 'CaseFiles',
-           'case_files', 'check_unique_cases', 'find_cases', 'read_nifti', 'as_label_map', 'detect_label_convention',
-           'check_label_values', 'Case', 'load_case', 'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes',
-           'class_regions', 'convention_of_label', 'label_convention_of', 'check_classes', 'labels_to_classes',
-           'classes_to_labels', 'brain_mask', 'normalize', 'windowed', 'take_slice', 'label_colours', 'overlay_rgb',
-           'pick_modality', 'tumour_centre', 'show_case', 'png_bytes', 'slice_controls', 'slice_viewer', 'nifti_bytes',
-           'wt_disagreement', 'label_lut', 'volume_viewer', 'show_volume', 'save_nifti', 'resample_factors',
+__all__ = ['MODALITIES', 'REGIONS', 'NAMINGS', 'MSD_CHANNELS', 'CONVENTIONS', 'LABEL_CONVENTIONS', 'AXES', 'naming_modalities',
+           'LabelConvention', 'get_convention', 'CaseFiles', 'case_files', 'check_unique_cases', 'find_cases',
+           'read_nifti', 'as_label_map', 'detect_label_convention', 'check_label_values', 'Case', 'load_case',
+           'et_label', 'labels_to_regions', 'regions_to_labels', 'n_classes', 'class_regions', 'convention_of_label',
+           'label_convention_of', 'check_classes', 'labels_to_classes', 'classes_to_labels', 'brain_mask', 'normalize',
+           'windowed', 'take_slice', 'pick_modality', 'tumour_centre', 'save_nifti', 'resample_factors',
            'downsample_arrays', 'brain_box', 'downsampled_affine', 'whole_blocks', 'downsample_case',
            'write_case_folder', 'downsample_folder', 'add_cli']
 
@@ -451,7 +447,6 @@ def normalize(image, mask=None, lower=0.2, upper=99.8, eps=1e-8):
     return out
 
 # %% ../nbs/00_data.ipynb #c372092f
-LABEL_COLORS = {"NCR/NET": (0.90, 0.15, 0.15), "ED": (0.20, 0.80, 0.20), "ET": (1.00, 0.85, 0.10)}
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 def windowed(image):
@@ -467,26 +462,6 @@ def take_slice(vol, axis, index):
     "A 2D slice for display: rows top to bottom, the way radiologists look at it."
     return np.rot90(np.take(vol, index, axis=axis))
 
-# %% ../nbs/00_data.ipynb #1b2df1e2
-TISSUE_COLORS = {**{k: LABEL_COLORS["NCR/NET"] for k in ("NCR/NET", "NETC", "non-enhancing tumour")},
-                 **{k: LABEL_COLORS["ED"] for k in ("ED", "SNFH", "edema")},
-                 **{k: LABEL_COLORS["ET"] for k in ("ET", "enhancing tumour", "GTV")},
-                 "RC": (0.30, 0.55, 1.00), "CC": (1.00, 0.55, 0.10)}   # cavity blue, cyst orange
-
-def label_colours(convention="brats2017"):
-    ("(value, name, colour) of each label of `convention`: tumour core red, edema green, enhancing yellow "
-     "(whatever their numbers).")
-    return [(v, n, TISSUE_COLORS[n]) for v, n in sorted(get_convention(convention).labels.items())]
-
-def overlay_rgb(gray, label=None, convention="brats2017", alpha=0.45):
-    "An RGB image of a 2D gray slice in [0, 1] with the label classes blended over it."
-    rgb = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
-    if label is not None:
-        for value, _, color in label_colours(convention):
-            sel = label == value
-            rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(color, np.float32)
-    return rgb
-
 # %% ../nbs/00_data.ipynb #30abd262
 def pick_modality(case, modality="flair"):
     ("`modality` if the case has it; for the default (FLAIR) on a case without it (MEN-RT: T1c only), "
@@ -499,298 +474,6 @@ def tumour_centre(case):
     if case.label is not None and (case.label > 0).any():
         return [int(np.round(np.mean(ix))) for ix in np.nonzero(case.label > 0)]
     return [s // 2 for s in case.shape]
-
-# %% ../nbs/00_data.ipynb #be7b248e
-def show_case(case, axis="axial", index=None, overlay=True, figsize=(13, 3.6)):
-    "Static figure: one slice of each modality, and of the labels over FLAIR (the widget's fallback)."
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-    ax_i = AXES.get(axis, axis)
-    index = tumour_centre(case)[ax_i] if index is None else index
-    win = windowed(case.image)
-    n = 5 if (overlay and case.label is not None) else 4
-    fig, axs = plt.subplots(1, n, figsize=figsize)
-    for c in range(4):
-        axs[c].imshow(take_slice(win[c], ax_i, index), cmap="gray", vmin=0, vmax=1)
-        axs[c].set_title(case.modalities[c])
-    if n == 5:
-        axs[4].imshow(overlay_rgb(take_slice(win[3], ax_i, index), take_slice(case.label, ax_i, index),
-                                  case.label_convention))
-        axs[4].set_title("labels over flair")
-        axs[4].legend(handles=[Patch(color=c, label=k) for k, c in LABEL_COLORS.items()], fontsize=7,
-                      loc="lower right")
-    for a in axs: a.axis("off")
-    fig.suptitle(f"{case.name}: {axis if isinstance(axis, str) else 'axis ' + str(axis)} slice {index}")
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/00_data.ipynb #b861c32e
-def png_bytes(rgb, scale=2):
-    "PNG bytes of an RGB float image, enlarged by pixel repetition."
-    from PIL import Image
-    a = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-    if scale > 1: a = a.repeat(scale, 0).repeat(scale, 1)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-# %% ../nbs/00_data.ipynb #2e05080b
-def slice_controls(case, axis, redraw):
-    """The axis dropdown and slice slider that every viewer shares. The slider starts at the tumour's centre;
-    a new axis resets its range and centre. Both call `redraw()` when they change (once per change)."""
-    import ipywidgets as W
-    centre = tumour_centre(case)
-    ax_dd = W.Dropdown(options=list(AXES), value=axis, description="axis")
-    sl = W.IntSlider(value=centre[AXES[axis]], min=0, max=case.shape[AXES[axis]] - 1, description="slice",
-                     continuous_update=True)
-
-    def on_axis(change):
-        a = AXES[change["new"]]
-        sl.unobserve(on_slice, "value")        # one redraw for the new axis, not one per trait
-        sl.max = case.shape[a] - 1
-        sl.value = centre[a]
-        sl.observe(on_slice, "value")
-        redraw()
-
-    def on_slice(_): redraw()
-    ax_dd.observe(on_axis, "value")
-    sl.observe(on_slice, "value")
-    return ax_dd, sl
-
-# %% ../nbs/00_data.ipynb #515c7626
-def slice_viewer(case, axis="axial", modality="flair", overlay=True, scale=2):
-    "A widget to browse a case: axis, slice, modality and the label overlay. Returns the widget."
-    modality = pick_modality(case, modality)
-    import ipywidgets as W
-    if not isinstance(case, Case): case = load_case(case)
-    win = windowed(case.image)
-    ax_dd, sl = slice_controls(case, axis, lambda: draw())
-    mod_dd = W.Dropdown(options=list(case.modalities), value=modality, description="modality")
-    ov = W.Checkbox(value=overlay and case.label is not None, description="labels", disabled=case.label is None)
-    img = W.Image(format="png", layout=W.Layout(max_width="520px", width="100%"))
-    info = W.HTML()
-
-    def draw(*_):
-        a = AXES[ax_dd.value]
-        gray = take_slice(win[case.modalities.index(mod_dd.value)], a, sl.value)
-        lab = take_slice(case.label, a, sl.value) if (ov.value and case.label is not None) else None
-        img.value = png_bytes(overlay_rgb(gray, lab, case.label_convention), scale)
-        counts = "" if lab is None else " · " + ", ".join(f"{k}: {int((lab == v).sum())}" for k, v in
-                                                        [(n, v) for v, n, _ in label_colours(case.label_convention)])
-        info.value = f"<b>{case.name}</b> · {ax_dd.value} {sl.value}/{sl.max}{counts}"
-
-    for w in (mod_dd, ov): w.observe(draw, "value")
-    draw()
-    box = W.VBox([W.HBox([ax_dd, mod_dd, ov]), sl, img, info])
-    box.controls = dict(axis=ax_dd, slice=sl, modality=mod_dd, overlay=ov)
-    box.image, box.info, box.case = img, info, case
-    return box
-
-# %% ../nbs/00_data.ipynb #d2c5d4ad
-# none of the label colours
-ERROR_COLORS = {"TP": (0.95, 0.95, 0.95), "FP": (1.00, 0.10, 0.90), "FN": (0.00, 0.85, 1.00)}
-
-def nifti_bytes(array, affine):
-    ("`array` as the bytes of a gzipped NIfTI-1 file with `affine`, made in memory "
-     "(uint8 and float32 kept as they are).")
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
-    img.header.set_xyzt_units("mm")
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-
-def wt_disagreement(label, prediction):
-    "Whole-tumour agreement: 0 background, 1 TP, 2 FP (predicted only), 3 FN (missed), uint8."
-    g, p = np.asarray(label) > 0, np.asarray(prediction) > 0
-    out = np.zeros(g.shape, np.uint8)
-    out[g & p], out[~g & p], out[g & ~p] = 1, 2, 3
-    return out
-
-# %% ../nbs/00_data.ipynb #e4d5aefe
-def _lut(items):
-    "A NiiVue label colour table from [(name, value, (r, g, b) in 0..1)]; value 0 transparent."
-    items = [("background", 0, (0, 0, 0))] + list(items)
-    rgb = [[int(round(255 * v)) for v in c] for _, _, c in items]
-    return {"R": [c[0] for c in rgb], "G": [c[1] for c in rgb], "B": [c[2] for c in rgb],
-            "A": [0] + [255] * (len(items) - 1),
-            "I": [v for _, v, _ in items], "labels": [n for n, _, _ in items]}
-
-def label_lut(convention="brats2017"):
-    "The BraTS label colours (NCR red, ED green, ET yellow) at the label values of `convention`."
-    return _lut([(n, v, c) for v, n, c in label_colours(convention)])
-
-def _crosshair(vox, affine, shape):
-    ("NiiVue's crosshair position (fractions of the volume resliced to RAS) of voxel `vox`; "
-     "exact for axis-aligned affines.")
-    affine = np.asarray(affine, float)
-    corners = np.array([[a, b, c, 1] for a in (-.5, shape[0] - .5) for b in (-.5, shape[1] - .5)
-                        for c in (-.5, shape[2] - .5)])
-    mm = (affine @ corners.T)[:3]
-    lo, hi = mm.min(1), mm.max(1)
-    return [float(np.clip(v, 0, 1)) for v in ((affine @ np.r_[np.asarray(vox, float), 1.0])[:3] - lo) / (hi - lo)]
-
-# %% ../nbs/00_data.ipynb #673ff870
-def _viewer_class():
-    import ipywidgets as W
-
-    class VolumeViewer(W.HBox):
-        """NiiVue (`nv`) beside its `controls`: 'modality', one checkbox per overlay, 'opacity'. `volumes`: the volumes
-        sent so far ('image' first: the modalities as one 4D volume); `bytes_sent`: their NIfTI bytes."""
-        def _volume(self, key, array, **kw):
-            import ipyniivue
-            if key not in self.volumes:
-                data = nifti_bytes(array[self.box], self.affine)
-                self.bytes_sent += len(data)
-                lut = kw.pop("colormap_label", None)
-                vol = ipyniivue.Volume(data=data, name=re.sub(r"\W+", "_", key).strip("_") + ".nii.gz", **kw)
-                if lut is not None: vol.set_colormap_label(lut)
-                self.volumes[key] = vol
-            return self.volumes[key]
-
-        def _on_modality(self, change=None):
-            self.volumes["image"].frame_4d = self.case.modalities.index(self.controls["modality"].value)
-
-        def _on_overlays(self, change=None):
-            added = []
-            for name, make in self._makers.items():
-                on = self.controls[name].value
-                if on and name not in self.volumes: added.append(make())
-                if name in self.volumes: self.volumes[name].opacity = self.controls["opacity"].value if on else 0.0
-            if added: self.nv.volumes = [*self.nv.volumes, *added]
-    return VolumeViewer
-
-# %% ../nbs/00_data.ipynb #e5699329
-def _overlay_maker(viewer, name, array):
-    "How an overlay is sent: a binary mask in one colour (cyan), a map scaled to 8 bits under a hot colour map."
-    a = np.asarray(array)
-    if a.dtype == bool or np.isin(a, (0, 1)).all():
-        return lambda: viewer._volume(name, a.astype(np.uint8), colormap_label=_lut([(name, 1, (0.0, 1.0, 1.0))]))
-    from ipyniivue import ColormapType
-    hi = float(np.nanmax(a)) if a.size and np.nanmax(a) > 0 else 1.0
-    scaled = np.clip(np.nan_to_num(a) / hi * 255, 0, 255).astype(np.uint8)
-    return lambda: viewer._volume(name, scaled, colormap="hot", cal_min=51, cal_max=255, colorbar_visible=False,
-                                  colormap_type=ColormapType.ZERO_TO_MAX_TRANSLUCENT_BELOW_MIN)
-
-# %% ../nbs/00_data.ipynb #3d5e0934
-def _cut_to_brain(case, margin):
-    "The brain's box in `case` (the whole volume when it finds none), the affine of the cut volume and its shape."
-    box = bbox(brain_mask(case.image), margin) or tuple(slice(0, n) for n in case.shape)
-    shift = np.eye(4)
-    shift[:3, 3] = [s.start for s in box]
-    affine = np.asarray(case.affine, float) @ shift                         # the cut volume stays in world space
-    return box, affine, tuple(s.stop - s.start for s in box)
-
-def _niivue_planes(case, box, affine, small, height):
-    "A NiiVue widget: the three planes and a 3D rendering of the cut volume, the crosshair on the tumour centre."
-    import ipywidgets as W
-    import ipyniivue
-    from ipyniivue import MultiplanarType, ShowRender, SliceType
-    nv = ipyniivue.NiiVue(height=height, slice_type=SliceType.MULTIPLANAR, multiplanar_show_render=ShowRender.ALWAYS,
-                          multiplanar_layout=MultiplanarType.GRID, show_3d_crosshair=True, is_colorbar=False,
-                          show_legend=False, back_color=(0, 0, 0, 1), drag_and_drop_enabled=False,
-                          crosshair_color=(0.35, 0.45, 1.0, 1.0), loading_text="loading volume ...")
-    nv.layout = W.Layout(flex="1 1 auto", width="auto", min_width="320px")
-    centre = [c - s.start for c, s in zip(tumour_centre(case), box)]
-    nv.scene.crosshair_pos = _crosshair(centre, affine, small)
-    return nv
-
-# %% ../nbs/00_data.ipynb #9df44f3e
-def _overlay_makers(viewer, case, prediction, overlays):
-    "Fill and return `viewer._makers`: for each overlay by name, the function that sends it to the browser."
-    lut, makers = label_lut(case.label_convention), viewer._makers
-    if case.label is not None:
-        makers["ground truth"] = lambda: viewer._volume("ground truth", case.label.astype(np.uint8),
-                                                        colormap_label=lut)
-    if prediction is not None:
-        pred = np.asarray(prediction).astype(np.uint8)
-        makers["prediction"] = lambda: viewer._volume("prediction", pred, colormap_label=lut)
-        if case.label is not None:
-            makers["WT errors"] = lambda: viewer._volume(
-                "WT errors", wt_disagreement(case.label, pred),
-                colormap_label=_lut([(k, i + 1, ERROR_COLORS[k]) for i, k in enumerate(ERROR_COLORS)]))
-    for name, arr in overlays.items(): makers[name] = _overlay_maker(viewer, name, arr)
-    return makers
-
-# %% ../nbs/00_data.ipynb #b42e50f1
-def _viewer_controls(case, modality, makers):
-    "The viewer's controls by name: 'modality', one checkbox per overlay of `makers`, 'opacity'."
-    import ipywidgets as W
-    style = {"description_width": "initial"}
-    controls = {"modality": W.Dropdown(options=list(case.modalities), value=modality, description="modality",
-                                       style=style, layout=W.Layout(width="200px"))}
-    for name in makers:
-        controls[name] = W.Checkbox(value=name == "ground truth", description=name, indent=False,
-                                    layout=W.Layout(width="auto"))
-    controls["opacity"] = W.FloatSlider(value=0.6, min=0, max=1, step=0.05, description="overlay opacity",
-                                        style=style, layout=W.Layout(width="260px"))
-    return controls
-
-def _viewer_panel(case, small, controls, makers):
-    "The column beside the planes: the case's name and box, the `controls`, and a legend of the colours."
-    import ipywidgets as W
-    sw = lambda c, t: ("<span style='display:inline-block;width:10px;height:10px;margin-right:3px;"
-                       "border:1px solid #888;"
-                       f"background:rgb({','.join(str(int(255 * v)) for v in c)})'></span>{t}&nbsp; ")
-    legend = "labels: " + "".join(sw(c, f"{n} ({v})") for v, n, c in label_colours(case.label_convention))
-    if "WT errors" in makers: legend += "<br>WT errors: " + "".join(sw(c, k) for k, c in ERROR_COLORS.items())
-    return W.VBox([W.HTML(f"<b>{case.name}</b> · {small[0]}×{small[1]}×{small[2]} (brain box)"), *controls.values(),
-                   W.HTML(f"<div style='font-size:12px;line-height:1.6'>{legend}</div>")],
-                  layout=W.Layout(flex="0 0 280px", padding="0 0 0 8px"))
-
-# %% ../nbs/00_data.ipynb #d6628c2f
-def volume_viewer(case, prediction=None, overlays=None, modality="flair", height=420, margin=2):
-    """Widget: NiiVue's axial, coronal and sagittal planes linked by a crosshair (opened on the tumour centre) and a 3D
-    rendering of `case`, cut to its brain. Beside it the modality, one checkbox per overlay (ground truth, `prediction`,
-    their WT disagreement TP/FP/FN, and each entry of `overlays`: {name: (X, Y, Z) mask or map}) and their opacity."""
-    import ipywidgets as W
-    if not isinstance(case, Case): case = load_case(case)
-    modality = pick_modality(case, modality)
-    overlays = dict(overlays or {})
-    for name, arr in [("prediction", prediction), *overlays.items()]:
-        if arr is not None and np.shape(arr) != case.shape:
-            raise BratsError(f"{name}: shape {np.shape(arr)} differs from case {case.name!r} {case.shape}")
-    box, affine, small = _cut_to_brain(case, margin)
-    nv = _niivue_planes(case, box, affine, small, height)
-    viewer = _viewer_class()()
-    viewer.case, viewer.affine, viewer.box, viewer.nv = case, affine, box, nv
-    viewer.volumes, viewer.bytes_sent, viewer._makers = {}, 0, {}
-    makers = _overlay_makers(viewer, case, prediction, overlays)
-    viewer.controls = controls = _viewer_controls(case, modality, makers)
-    panel = _viewer_panel(case, small, controls, makers)
-    viewer.children, viewer.layout = [nv, panel], W.Layout(width="100%", align_items="flex-start")
-    image = (np.moveaxis(windowed(case.image), 0, -1) * 255).round().astype(np.uint8)  # (X, Y, Z, modality), 8 bits
-    nv.volumes = [viewer._volume("image", image, colormap="gray", frame_4d=case.modalities.index(modality),
-                                 cal_min=0, cal_max=255, colorbar_visible=False)]
-    controls["modality"].observe(viewer._on_modality, "value")
-    for name in [*makers, "opacity"]: controls[name].observe(viewer._on_overlays, "value")
-    viewer._on_overlays()
-    return viewer
-
-# %% ../nbs/00_data.ipynb #85fe2ca8
-def show_volume(case, prediction=None, modality="flair", alpha=0.45, figsize=(12, 4.2)):
-    """Static figure: the axial, coronal and sagittal slices through the tumour centre with the labels (BraTS colours)
-    and the prediction's WT outline (magenta); for where widgets do not render."""
-    modality = pick_modality(case, modality)
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    if not isinstance(case, Case): case = load_case(case)
-    gray = windowed(case.image)[case.modalities.index(modality)]
-    c = tumour_centre(case)
-    fig, axs = plt.subplots(1, 3, figsize=figsize)
-    for ax, (name, a) in zip(axs, (("axial", 2), ("coronal", 1), ("sagittal", 0))):
-        lab = take_slice(case.label, a, c[a]) if case.label is not None else None
-        ax.imshow(np.rot90(overlay_rgb(take_slice(gray, a, c[a]), lab, case.label_convention, alpha)),
-                  interpolation="nearest")
-        if prediction is not None:
-            ax.contour(np.rot90(take_slice(np.asarray(prediction) > 0, a, c[a])), levels=[0.5], colors=["magenta"],
-                       linewidths=1)
-        ax.set_title(f"{name} {c[a]}")
-        ax.axis("off")
-    handles = [Patch(color=col, label=k) for k, col in LABEL_COLORS.items()]
-    if prediction is not None: handles.append(Line2D([0], [0], color="magenta", label="prediction (WT)"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
-    fig.suptitle(f"{case.name}: {modality} through the tumour centre {tuple(c)}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return fig
 
 # %% ../nbs/00_data.ipynb #2e7a919a
 def save_nifti(array, path, affine, header=None, dtype=None):

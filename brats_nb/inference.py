@@ -17,19 +17,17 @@ import torch.nn.functional as F
 
 from .core import BratsError, ThreadGovernor, amp_dtype, autocast, check_apart, pick_device
 from .memory import CONTEXT_GIB, needed_gib, predict_peak
-from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, AXES, load_case,
-                           find_cases, normalize, labels_to_regions, classes_to_labels, save_nifti, overlay_rgb,
-                           brain_mask, slice_controls, windowed, take_slice, png_bytes, tumour_centre, et_label,
-                           n_classes, ERROR_COLORS, CONVENTIONS)
-from .metrics import dice, flat_metrics, load_prediction, region_metrics
+from .data import (Case, brain_box, downsample_case, resample_factors, whole_blocks, REGIONS, load_case,
+                           find_cases, normalize, labels_to_regions, classes_to_labels, save_nifti, brain_mask,
+                           et_label, n_classes, CONVENTIONS)
+from .metrics import dice, flat_metrics, region_metrics
 from .checkpoints import load_model, real_checkpoint
 
 # %% auto #0
 __all__ = ['REGION_CLASSES', 'pad_to_multiple', 'tta_flips', 'tta_flips_that_fit', 'windows_per_pass', 'predict_volume',
            'postprocess_et', 'drop_coreless', 'argmax_classes', 'predict_case', 'predict_folder', 'predict_resampled',
-           'EvalProtocol', 'case_means', 'evaluate_cases', 'disagreement_rgb', 'uncertainty_rgb', 'prediction_viewer',
-           'show_prediction', 'tta_uncertainty', 'add_cli', 'model_in_channels', 'benchmark_inference',
-           'format_inference_bench']
+           'EvalProtocol', 'case_means', 'evaluate_cases', 'tta_uncertainty', 'add_cli', 'model_in_channels',
+           'benchmark_inference', 'format_inference_bench']
 
 # %% ../nbs/08_inference.ipynb #5693ed63
 def pad_to_multiple(x, multiple=16):
@@ -310,135 +308,6 @@ def evaluate_cases(model, cases, protocol=EvalProtocol(), device=None, amp=False
         rows.append({"case": case.name, **row})
         if verbose: print(case.name, " ".join(f"{k}={v:.3f}" for k, v in row.items()), flush=True)
     return rows, case_means(rows)
-
-# %% ../nbs/08_inference.ipynb #43fa6c5c
-# ERROR_COLORS (00_data) avoid the label colours (NCR red, ED green, ET yellow): an error never reads as a tumour class
-def _hex(rgb): return "#" + "".join(f"{int(round(255 * v)):02x}" for v in rgb)
-
-def disagreement_rgb(gray, pred_mask, gt_mask, alpha=0.6):
-    "RGB of a 2D gray slice with true positives, false positives and false negatives of one region in `ERROR_COLORS`."
-    rgb = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
-    p, g = np.asarray(pred_mask, bool), np.asarray(gt_mask, bool)
-    for sel, col in zip((p & g, p & ~g, ~p & g), ERROR_COLORS.values()):
-        rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.asarray(col, np.float32)
-    return rgb
-
-def uncertainty_rgb(gray, unc, vmax=0.5, cmap="inferno"):
-    "RGB of a 2D gray slice under a heat map of `unc` (0 transparent, `vmax` opaque), for the TTA spread."
-    import matplotlib
-    u = np.clip(np.asarray(unc, np.float32) / vmax, 0, 1)[..., None]
-    heat = matplotlib.colormaps[cmap](u[..., 0])[..., :3].astype(np.float32)
-    g3 = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
-    return (1 - np.sqrt(u)) * g3 + np.sqrt(u) * heat
-
-# %% ../nbs/08_inference.ipynb #84a48bc5
-def _prediction_inputs(case, prediction, pred_convention):
-    if not isinstance(case, Case): case = load_case(case)
-    if case.label is None:
-        raise BratsError(f"case {case.name!r} has no label file; "
-                         "the viewer compares a prediction with the ground truth")
-    if isinstance(prediction, (str, Path)):
-        prediction, conv = load_prediction(prediction, case)
-        pred_convention = pred_convention or conv
-    prediction = np.asarray(prediction)
-    if prediction.shape != case.shape:
-        raise BratsError(f"prediction shape {prediction.shape} differs from case {case.name!r} {case.shape}")
-    pred_convention = pred_convention or case.label_convention
-    return (case, prediction, labels_to_regions(prediction, pred_convention),
-            labels_to_regions(case.label, case.label_convention), pred_convention)
-
-def _errors_per_slice(pr, gr, axis):
-    other = tuple(a for a in range(3) if a != axis)
-    return (pr & ~gr).sum(other), (~pr & gr).sum(other)
-
-# %% ../nbs/08_inference.ipynb #4cd58626
-def _error_panels(case, flair, prediction, pconv, p, g, a, i, uncertainty=None):
-    "The viewer's image of slice `i` along axis `a`: ground truth | prediction | errors (`p`, `g`) [| TTA spread]."
-    gray = take_slice(flair, a, i)
-    panels = [overlay_rgb(gray, take_slice(case.label, a, i), case.label_convention),
-              overlay_rgb(gray, take_slice(prediction, a, i), pconv), disagreement_rgb(gray, p, g)]
-    if uncertainty is not None: panels.append(uncertainty_rgb(gray, take_slice(uncertainty, a, i)))
-    sep = np.ones((gray.shape[0], 3, 3), np.float32)
-    return np.concatenate([x for q in panels for x in (q, sep)][:-1], 1)
-
-def _error_info(case, region, axis, i, last, p, g, dice_volume, spread):
-    "The viewer's info line (HTML) for slice `i` of `last`: panels, TP, FP and FN voxels, the region's Dice."
-    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
-    return (f"<b>{case.name}</b> · ground truth | prediction | {region} errors{' | TTA spread' if spread else ''} · "
-            f"{axis} {i}/{last} · "
-            f"<span style='color:{_hex(ERROR_COLORS['TP'])};background:#444'>TP {tp}</span> "
-            f"<span style='color:{_hex(ERROR_COLORS['FP'])}'>FP {fp}</span> "
-            f"<span style='color:{_hex(ERROR_COLORS['FN'])}'>FN {fn}</span> · "
-            f"Dice {region} (volume) {dice_volume:.3f}")
-
-# %% ../nbs/08_inference.ipynb #a84230f9
-def prediction_viewer(case, prediction, region="WT", axis="axial", pred_convention=None, scale=2, uncertainty=None):
-    """Widget: ground truth, prediction and their disagreement (TP, FP, FN) for a region, slice by slice; with
-    `uncertainty` (X, Y, Z in [0, 0.5], e.g. `tta_uncertainty`) a fourth panel shows it. Returns the widget."""
-    import ipywidgets as W
-    case, prediction, pred_r, gt_r, pconv = _prediction_inputs(case, prediction, pred_convention)
-    flair = windowed(case.image)[case.modalities.index("flair")]
-    ax_dd, sl = slice_controls(case, axis, lambda: draw())
-    reg_dd = W.Dropdown(options=list(REGIONS), value=region, description="region")
-    worst = W.Button(description="worst slice", tooltip="jump to the slice with the most FP + FN voxels")
-    img = W.Image(format="png", layout=W.Layout(max_width="900px", width="100%"))
-    info = W.HTML()
-    dices = {r: dice(pred_r[i], gt_r[i]) for i, r in enumerate(REGIONS)}
-    if uncertainty is not None and np.shape(uncertainty) != case.shape:
-        raise BratsError(f"uncertainty shape {np.shape(uncertainty)} differs from case {case.name!r} {case.shape}")
-
-    def draw(*_):
-        a, i, r = AXES[ax_dd.value], sl.value, REGIONS.index(reg_dd.value)
-        p, g = take_slice(pred_r[r], a, i), take_slice(gt_r[r], a, i)
-        img.value = png_bytes(_error_panels(case, flair, prediction, pconv, p, g, a, i, uncertainty), scale)
-        info.value = _error_info(case, reg_dd.value, ax_dd.value, i, sl.max, p, g, dices[reg_dd.value],
-                                 uncertainty is not None)
-
-    def on_worst(*_):
-        r = REGIONS.index(reg_dd.value)
-        fp, fn = _errors_per_slice(pred_r[r], gt_r[r], AXES[ax_dd.value])
-        sl.value = int(np.argmax(fp + fn))
-
-    reg_dd.observe(draw, "value")
-    worst.on_click(on_worst)
-    draw()
-    box = W.VBox([W.HBox([ax_dd, reg_dd, worst]), sl, img, info])
-    box.controls = dict(axis=ax_dd, region=reg_dd, slice=sl, worst=worst)
-    box.image, box.info, box.case, box.dice = img, info, case, dices
-    return box
-
-# %% ../nbs/08_inference.ipynb #85b85210
-def show_prediction(case, prediction, axis="axial", index=None, pred_convention=None, figsize=(11, 7)):
-    """Static figure: per region, the ground truth, the prediction, the disagreement on one slice and the FP/FN count
-    per slice."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-    case, prediction, pred_r, gt_r, pconv = _prediction_inputs(case, prediction, pred_convention)
-    a = AXES.get(axis, axis)
-    index = tumour_centre(case)[a] if index is None else index
-    gray = take_slice(windowed(case.image)[case.modalities.index("flair")], a, index)
-    fig, axs = plt.subplots(3, 4, figsize=figsize, gridspec_kw=dict(width_ratios=[1, 1, 1, 1.4]))
-    for r, name in enumerate(REGIONS):
-        p, g = take_slice(pred_r[r], a, index), take_slice(gt_r[r], a, index)
-        axs[r, 0].imshow(overlay_rgb(gray, np.where(g, 4, 0), "brats2017", 0.5))
-        axs[r, 0].set_title(f"{name}: ground truth", fontsize=9)
-        axs[r, 1].imshow(overlay_rgb(gray, np.where(p, 4, 0), "brats2017", 0.5))
-        axs[r, 1].set_title(f"{name}: prediction", fontsize=9)
-        axs[r, 2].imshow(disagreement_rgb(gray, p, g))
-        axs[r, 2].set_title(f"{name}: Dice {dice(pred_r[r], gt_r[r]):.3f}", fontsize=9)
-        for c in range(3): axs[r, c].axis("off")
-        fp, fn = _errors_per_slice(pred_r[r], gt_r[r], a)
-        axs[r, 3].fill_between(range(len(fp)), fp, color=ERROR_COLORS["FP"], alpha=0.6, label="FP")
-        axs[r, 3].fill_between(range(len(fn)), -fn, color=ERROR_COLORS["FN"], alpha=0.6, label="FN (below 0)")
-        axs[r, 3].axvline(index, color="k", lw=0.8)
-        axs[r, 3].set_xlabel(f"{axis} slice", fontsize=8)
-        axs[r, 3].tick_params(labelsize=7)
-    axs[0, 3].legend(fontsize=7)
-    axs[0, 3].set_title("error voxels per slice", fontsize=9)
-    axs[0, 2].legend(handles=[Patch(color=c, label=k) for k, c in ERROR_COLORS.items()], fontsize=7, loc="lower right")
-    fig.suptitle(f"{case.name}: {axis} slice {index}")
-    fig.tight_layout()
-    return fig
 
 # %% ../nbs/08_inference.ipynb #32a2809e
 REGION_CLASSES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}   # softmax classes of each region

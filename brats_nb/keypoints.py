@@ -18,15 +18,14 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from .core import BratsError, bbox, pick_device
-from .data import (REGIONS, Case, find_cases, load_case, labels_to_regions, take_slice, windowed, png_bytes,
-                           AXES)
+from .data import REGIONS, Case, find_cases, load_case, labels_to_regions
 from .synth import samples_dir
 
 # %% auto #0
-__all__ = ['ALGORITHM_VERSION', 'KEYPOINTS', 'KP_COLORS', 'boundary_voxels', 'hull_triangles', 'column_intervals', 'fill_hull',
+__all__ = ['ALGORITHM_VERSION', 'KEYPOINTS', 'boundary_voxels', 'hull_triangles', 'column_intervals', 'fill_hull',
            'fill_hull_bruteforce', 'score_candidates', 'ball_offsets', 'draw_balls', 'KeypointSettings',
-           'keypoint_settings', 'select_region_keypoints', 'select_keypoints', 'keypoint_overlay', 'show_keypoints',
-           'select_region_reference', 'bench_keypoints', 'add_bench_cli', 'keypoint_viewer']
+           'keypoint_settings', 'select_region_keypoints', 'select_keypoints', 'select_region_reference',
+           'bench_keypoints', 'add_bench_cli']
 
 # %% ../nbs/05_keypoints.ipynb #ac638dca
 def boundary_voxels(region) -> np.ndarray:
@@ -327,58 +326,6 @@ def select_keypoints(label_or_regions, settings: KeypointSettings | None = None,
         info[name] = r
     return maps, info
 
-# %% ../nbs/05_keypoints.ipynb #1216b336
-KP_COLORS = {"WT": (0.20, 0.80, 0.20), "TC": (0.90, 0.15, 0.15), "ET": (1.00, 0.85, 0.10)}
-
-def keypoint_overlay(gray, regions2d=None, maps2d=None, alpha=0.35):
-    "RGB image of a 2D gray slice with region outlines (faint) and key point maps (solid), channels WT, TC, ET."
-    rgb = np.repeat(np.asarray(gray, np.float32)[..., None], 3, -1)
-    for i, name in enumerate(REGIONS):
-        col = np.asarray(KP_COLORS[name], np.float32)
-        if regions2d is not None:
-            r = np.asarray(regions2d[i], bool)
-            edge = r & ~ndi.binary_erosion(r)
-            rgb[edge] = (1 - alpha) * rgb[edge] + alpha * col
-        if maps2d is not None:
-            rgb[np.asarray(maps2d[i]) > 0] = col
-    return rgb
-
-# %% ../nbs/05_keypoints.ipynb #47212f80
-def show_keypoints(case, maps=None, info=None, axis="axial", index=None, figsize=(13, 3.8), **kw):
-    "Static figure (the viewer's fallback): key point maps over FLAIR, the points in 3D, the best IoU against t."
-    import matplotlib.pyplot as plt
-    if not isinstance(case, Case): case = load_case(case)
-    if maps is None: maps, info = select_keypoints(case, **kw)
-    regions = labels_to_regions(case.label, case.label_convention)
-    ax_i = AXES.get(axis, axis)
-    if index is None:  # the slice with most key point voxels
-        index = int(np.argmax(maps.sum(0).sum(axis=tuple(a for a in range(3) if a != ax_i))))
-    win = windowed(case.image)
-    fig = plt.figure(figsize=figsize)
-    a1 = fig.add_subplot(1, 3, 1)
-    a1.imshow(keypoint_overlay(take_slice(win[3], ax_i, index), [take_slice(r, ax_i, index) for r in regions],
-                               [take_slice(m, ax_i, index) for m in maps]))
-    a1.set_title(f"{axis} slice {index}: key point maps")
-    a1.axis("off")
-    a2 = fig.add_subplot(1, 3, 2, projection="3d")
-    for name in REGIONS:
-        p = info[name]["points"]
-        if len(p): a2.scatter(*p.T, s=4, color=KP_COLORS[name], label=f"{name} ({len(p)})")
-    a2.legend(fontsize=7)
-    a2.set_title("key points")
-    a3 = fig.add_subplot(1, 3, 3)
-    for name in REGIONS:
-        h = info[name]["history"]
-        if len(h): a3.plot(np.arange(1, len(h) + 1), np.maximum.accumulate(h), color=KP_COLORS[name],
-                           label=f"{name}: IoU {info[name]['iou']:.3f}")
-    a3.set_xlabel("candidates t")
-    a3.set_ylabel("best IoU so far")
-    a3.legend(fontsize=8)
-    a3.set_title("best hull IoU")
-    fig.suptitle(case.name)
-    fig.tight_layout()
-    return fig
-
 # %% ../nbs/05_keypoints.ipynb #4ab51f20
 def select_region_reference(region, n=300, t=100, seed=0, region_index=0):
     ("The reference: the same draws as `select_region_keypoints`, each hull filled over the whole volume "
@@ -499,126 +446,3 @@ def add_bench_cli(bsub):
                 cases += samples[:a.samples]
         bench_keypoints(cases, KeypointSettings(n=n, t=t), ref_t=ref_t, repeat=rep, pin=not a.no_pin, device=a.device)
     p.set_defaults(func=run)
-
-# %% ../nbs/05_keypoints.ipynb #0ea269a8
-def _surface(region, step=1):
-    "Marching-cubes mesh (verts, faces) of a boolean region, in voxel coordinates."
-    from skimage.measure import marching_cubes
-    box = bbox(region)
-    if box is None: return np.zeros((0, 3)), np.zeros((0, 3), int)
-    box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, s)) for b, s in zip(box, region.shape))
-    sub = np.pad(region[box], 1).astype(np.float32)
-    v, f, _, _ = marching_cubes(sub, 0.5, step_size=step)
-    return v + np.array([b.start - 1 for b in box]), f
-
-# %% ../nbs/05_keypoints.ipynb #19c3af14
-def _kp_controls(kp, region, n_slices):
-    "The viewer's controls, opened on `kp` for `region`: region, n, t, R, seed, and the slice (of `n_slices`)."
-    import ipywidgets as W
-    ri = REGIONS.index(region)
-    dd = W.Dropdown(options=list(REGIONS), value=region, description="region")
-    ns = W.IntSlider(value=kp.n[ri], min=4, max=600, step=1, description="n", continuous_update=False)
-    ts = W.IntSlider(value=kp.t, min=1, max=300, description="t", continuous_update=False)
-    rs = W.IntSlider(value=kp.radius[ri], min=0, max=5, description="R", continuous_update=False)
-    sd = W.IntText(value=kp.seed, description="seed", layout=W.Layout(width="160px"))
-    sl = W.IntSlider(value=0, min=0, max=n_slices - 1, description="slice")
-    return dd, ns, ts, rs, sd, sl
-
-def _kp_region_defaults(ns, rs, i, select):
-    "Set the n and R sliders to the paper's values for region `i`, with `select` unhooked meanwhile (no rerun)."
-    with ns.hold_trait_notifications(), rs.hold_trait_notifications():
-        ns.unobserve(select, "value")
-        rs.unobserve(select, "value")
-        ns.value, rs.value = KEYPOINTS.n[i], KEYPOINTS.radius[i]
-        ns.observe(select, "value")
-        rs.observe(select, "value")
-
-def _kp_layout(dd, ns, ts, rs, sd, sl, info, f3, fc, img):
-    "The viewer's box: the controls in two rows, the info line, then the 3D figure beside the curve and the slice."
-    import ipywidgets as W
-    box = W.VBox([W.HBox([dd, sd]), W.HBox([ns, ts, rs]), info,
-                  W.HBox([f3, W.VBox([fc, sl, img])], layout=W.Layout(flex_flow="row wrap"))])
-    box.controls = dict(region=dd, n=ns, t=ts, radius=rs, seed=sd, slice=sl)
-    return box
-
-# %% ../nbs/05_keypoints.ipynb #179f7a46
-def _kp_figures():
-    "The 3D figure (surface, key points) and the IoU curve (each candidate, best so far), empty."
-    import plotly.graph_objects as go
-    f3 = go.FigureWidget(layout=dict(width=520, height=420, margin=dict(l=0, r=0, t=30, b=0),
-                                     title="surface and key points", scene=dict(aspectmode="data")))
-    f3.add_mesh3d(x=[], y=[], z=[], i=[], j=[], k=[], opacity=0.25, color="gray", name="surface")
-    f3.add_scatter3d(x=[], y=[], z=[], mode="markers", marker=dict(size=3, color="crimson"), name="key points")
-    fc = go.FigureWidget(layout=dict(width=420, height=260, margin=dict(l=40, r=10, t=30, b=40),
-                                     title="best IoU against t", xaxis_title="candidate", yaxis_title="IoU"))
-    fc.add_scatter(x=[], y=[], mode="markers", marker=dict(size=4, color="lightgray"), name="each candidate")
-    fc.add_scatter(x=[], y=[], mode="lines", line=dict(color="crimson"), name="best so far")
-    return f3, fc
-
-def _kp_plot(f3, fc, name, r, v, f):
-    "Show the selection `r` of region `name` in the figures: the surface mesh (`v`, `f`), the points, the curve."
-    p = r["points"]
-    with f3.batch_update():
-        f3.data[0].update(x=v[:, 0], y=v[:, 1], z=v[:, 2], i=f[:, 0], j=f[:, 1], k=f[:, 2])
-        f3.data[1].update(x=p[:, 0], y=p[:, 1], z=p[:, 2])
-        f3.layout.title = f"{name}: {len(p)} key points, best hull IoU {r['iou']:.4f}"
-    h = r["history"]
-    x = np.arange(1, len(h) + 1)
-    with fc.batch_update():
-        fc.data[0].update(x=x, y=h)
-        fc.data[1].update(x=x, y=np.maximum.accumulate(h) if len(h) else h)
-
-def _kp_info(case, name, voxels, r, n, t, radius, seed):
-    "The line under the controls: the case, the region's size and boundary, the settings, the IoU and its kind."
-    return (f"<b>{case.name}</b> · {name}: {voxels} voxels, {r['n_boundary']} on the "
-            f"boundary · n={n}, t={t}, R={radius}, seed={seed} · "
-            f"<b>IoU {r['iou']:.4f}</b> ({r['kind']})")
-
-# %% ../nbs/05_keypoints.ipynb #13216aff
-def _kp_slice(win, regions, i, r, a, index):
-    "RGB of slice `index` along axis `a`: FLAIR, the outline of region `i` and its key point map from `r`."
-    region2d, map2d = take_slice(regions[i], a, index), take_slice(r["map"], a, index)   # one slice, never the volume
-    return keypoint_overlay(take_slice(win[3], a, index),
-                            [region2d if k == i else np.zeros_like(region2d) for k in range(3)],
-                            [map2d if k == i else np.zeros_like(map2d) for k in range(3)])
-
-# %% ../nbs/05_keypoints.ipynb #5dd10827
-def keypoint_viewer(case, region="WT", settings=None, axis="axial", scale=2, **changes):
-    "Widget: a region's surface and key points in 3D, the best IoU against t, and the key point map on a slice."
-    import ipywidgets as W
-    kp = keypoint_settings(settings, **changes)     # the sliders start at these (the paper's by default)
-    if not isinstance(case, Case): case = load_case(case)
-    if case.label is None: raise BratsError(f"{case.name}: has no label map; key points come from the ground truth")
-    regions = labels_to_regions(case.label, case.label_convention)
-    win = windowed(case.image)
-    dd, ns, ts, rs, sd, sl = _kp_controls(kp, region, case.shape[AXES[axis]])
-    f3, fc = _kp_figures()
-    img = W.Image(format="png", layout=W.Layout(max_width="420px", width="100%"))
-    info = W.HTML()
-    state = {}
-
-    def select(*_):
-        i = REGIONS.index(dd.value)
-        r = select_region_keypoints(regions[i], ns.value, ts.value, rs.value, sd.value, i)
-        state.update(r=r, i=i)
-        _kp_plot(f3, fc, dd.value, r, *_surface(regions[i], step=2 if regions[i].sum() > 20000 else 1))
-        if regions[i].any():  # the slice through the region's centre (not a cap, where points seem to lie inside)
-            sl.value = int(round(np.argwhere(regions[i])[:, AXES[axis]].mean()))
-        draw()
-        info.value = _kp_info(case, dd.value, int(regions[i].sum()), r, ns.value, ts.value, rs.value, sd.value)
-
-    def draw(*_):
-        if "r" not in state: return
-        img.value = png_bytes(_kp_slice(win, regions, state["i"], state["r"], AXES[axis], sl.value), scale)
-
-    def on_region(ch):
-        _kp_region_defaults(ns, rs, REGIONS.index(ch["new"]), select)
-        select()
-
-    dd.observe(on_region, "value")
-    for w in (ns, ts, rs, sd): w.observe(select, "value")
-    sl.observe(draw, "value")
-    select()
-    box = _kp_layout(dd, ns, ts, rs, sd, sl, info, f3, fc, img)
-    box.figure3d, box.curve, box.image, box.info, box.state, box.case = f3, fc, img, info, state, case
-    return box

@@ -5,20 +5,15 @@
 # %% ../nbs/02_mie.ipynb #8e4194a0
 from __future__ import annotations
 
-import html
-
-import numpy as np
 import torch
 from torch import nn
 
 from .core import BratsError, check_norm, check_spatial_dims, conv_class, norm_layer, act_layer
 from .data import (
-    Case, load_case, normalize, windowed, take_slice, png_bytes, tumour_centre, slice_controls, AXES, REGIONS,
-    brain_mask, labels_to_regions)
+    Case, load_case, normalize, REGIONS, brain_mask, labels_to_regions)
 
 # %% auto #0
-__all__ = ['SCSE', 'MIE', 'mie_attention', 'show_attention', 'attention_viewer', 'modality_importance',
-           'show_modality_importance']
+__all__ = ['SCSE', 'MIE', 'mie_attention', 'modality_importance']
 
 # %% ../nbs/02_mie.ipynb #74dafbdc
 class SCSE(nn.Module):
@@ -107,85 +102,6 @@ def mie_attention(case, model, device=None):
                 channels=mie.last_channel_weights[0].float().cpu().numpy(),
                 names=names, image=image)
 
-# %% ../nbs/02_mie.ipynb #a6a9e928
-def _map_rgb(m, lo, hi, cmap="magma"):
-    import matplotlib
-    return matplotlib.colormaps[cmap](np.clip((m - lo) / max(hi - lo, 1e-6), 0, 1))[..., :3].astype(np.float32)
-
-def _range(spatial, stretch):
-    return (float(spatial.min()), float(spatial.max())) if stretch else (0.0, 1.0)
-
-def show_attention(case, model, axis="axial", index=None, stretch=True, figsize=(15, 3.4)):
-    "Static figure: the four modalities, the scSE spatial map on one slice, and the channel weights as bars."
-    import matplotlib.pyplot as plt
-    if not isinstance(case, Case): case = load_case(case)
-    att = mie_attention(case, model)
-    a = AXES.get(axis, axis)
-    index = tumour_centre(case)[a] if index is None else index
-    win = windowed(case.image)
-    lo, hi = _range(att["spatial"], stretch)
-    fig, axs = plt.subplots(1, 6, figsize=figsize, gridspec_kw=dict(width_ratios=[1, 1, 1, 1, 1.2, 1.1]))
-    for c in range(4):
-        axs[c].imshow(take_slice(win[c], a, index), cmap="gray", vmin=0, vmax=1)
-        axs[c].set_title(case.modalities[c])
-        axs[c].axis("off")
-    im = axs[4].imshow(take_slice(att["spatial"], a, index), cmap="magma", vmin=lo, vmax=hi)
-    axs[4].set_title("spatial attention q(v)")
-    axs[4].axis("off")
-    fig.colorbar(im, ax=axs[4], fraction=0.046)
-    axs[5].bar(range(len(att["channels"])), att["channels"], color="tab:blue")
-    axs[5].set_xticks(range(len(att["channels"])), att["names"], rotation=30)
-    axs[5].set_ylim(0, 1)
-    axs[5].set_title("channel weights s")
-    fig.suptitle(f"{case.name}: MIE attention, {axis if isinstance(axis, str) else 'axis ' + str(axis)} slice {index}")
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/02_mie.ipynb #581c2952
-def _bars_html(values, names, highlight=None):
-    rows = []
-    for v, n in zip(values, names):
-        col = "#d62728" if n == highlight else "#1f77b4"
-        rows.append(f"<div style='display:flex;align-items:center;font-family:monospace;font-size:12px'>"
-                    f"<span style='width:80px'>{html.escape(n)}</span>"
-                    f"<span style='display:inline-block;height:12px;width:{int(round(200 * float(v)))}px;"
-                    f"background:{col}'></span>"
-                    f"<span style='margin-left:6px'>{float(v):.3f}</span></div>")
-    return "<b>channel weights s</b>" + "".join(rows)
-
-
-# %% ../nbs/02_mie.ipynb #0216c97f
-def attention_viewer(case, model, axis="axial", modality="flair", stretch=True, scale=2, alpha=0.5):
-    "A widget: modality, scSE spatial map and overlay on a slice (slider, axis, modality), channel weights as bars."
-    import ipywidgets as W
-    if not isinstance(case, Case): case = load_case(case)
-    att = mie_attention(case, model)
-    win = windowed(case.image)
-    ax_dd, sl = slice_controls(case, axis, lambda: draw())
-    mod_dd = W.Dropdown(options=list(case.modalities), value=modality, description="modality")
-    st = W.Checkbox(value=stretch, description="stretch colours")
-    img, bars, info = W.Image(format="png", layout=W.Layout(max_width="760px", width="100%")), W.HTML(), W.HTML()
-
-    def draw(*_):
-        a, m = AXES[ax_dd.value], case.modalities.index(mod_dd.value)
-        lo, hi = _range(att["spatial"], st.value)
-        gray = take_slice(win[m], a, sl.value)
-        q = _map_rgb(take_slice(att["spatial"], a, sl.value), lo, hi)
-        g3 = np.repeat(gray[..., None], 3, -1)
-        gap = np.ones((gray.shape[0], 4, 3), np.float32)
-        img.value = png_bytes(np.concatenate([g3, gap, q, gap, (1 - alpha) * g3 + alpha * q], 1), scale)
-        hl = att["names"][m] if m < len(att["names"]) else None
-        bars.value = _bars_html(att["channels"], att["names"], hl)
-        info.value = (f"<b>{case.name}</b> · {ax_dd.value} {sl.value}/{sl.max} · {mod_dd.value} | q(v) | overlay · "
-                      f"map range {att['spatial'].min():.3f} to {att['spatial'].max():.3f}")
-
-    for w in (mod_dd, st): w.observe(draw, "value")
-    draw()
-    box = W.VBox([W.HBox([ax_dd, mod_dd, st]), sl, img, info, bars])
-    box.controls = dict(axis=ax_dd, slice=sl, modality=mod_dd, stretch=st)
-    box.image, box.bars, box.info, box.case, box.attention = img, bars, info, case, att
-    return box
-
 # %% ../nbs/02_mie.ipynb #3f454ffc
 @torch.no_grad()
 def modality_importance(case, model, device=None):
@@ -214,22 +130,3 @@ def modality_importance(case, model, device=None):
         res[r] = {name: float(v) for name, v in zip(case.modalities, c / max(float(c.sum()), 1e-12))}
     return res
 
-
-# %% ../nbs/02_mie.ipynb #55482f11
-def show_modality_importance(case, models, figsize=None):
-    "Heat maps of `modality_importance` (regions × modalities), one per model of the dict `models` {title: model}."
-    import matplotlib.pyplot as plt
-    if not isinstance(case, Case): case = load_case(case)
-    fig, axs = plt.subplots(1, len(models), figsize=figsize or (4.2 * len(models), 2.8), squeeze=False)
-    for ax, (title, model) in zip(axs[0], models.items()):
-        imp = modality_importance(case, model)
-        rows = list(imp)
-        mat = np.array([[imp[r][m] for m in case.modalities] for r in rows])
-        ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(0.5, float(mat.max())))
-        ax.set_xticks(range(len(case.modalities)), case.modalities)
-        ax.set_yticks(range(len(rows)), rows)
-        for (a, b), v in np.ndenumerate(mat): ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_title(title, fontsize=10)
-    fig.suptitle(f"{case.name}: share of each modality in MIE's output, per region", fontsize=10)
-    fig.tight_layout()
-    return fig

@@ -21,8 +21,9 @@ from .data import find_cases, load_case
 from .synth import heldout_dir, samples_dir
 from .checkpoints import LESSON_FILE, REAL_FILE, load_model, read_checkpoint, save_checkpoint
 from .metrics import summarize, whole_brain_dice, write_metrics_csv
-from .inference import evaluate_cases, show_prediction
-from .trainer import config_cases, plot_curves, preset, read_log, train
+from .inference import evaluate_cases
+from .trainer import config_cases, preset, read_log, train
+from .viz import plot_curves, show_prediction
 
 # %% auto #0
 __all__ = ['run_demo', 'add_demo_cli', 'make_lesson_model', 'add_lesson_cli', 'model_card', 'make_real_model', 'add_real_cli']

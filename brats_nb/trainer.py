@@ -43,8 +43,7 @@ __all__ = ['PRESETS', 'DIST_TIMEOUT', 'STOP_SIGNALS', 'LOG_FIELDS', 'RUN_FILES',
            'poly_lambda', 'Dist', 'setup_distributed', 'run_device', 'rank_batch', 'EpochSampler', 'split_cases',
            'config_cases', 'amp_setup', 'train_step', 'StopRequest', 'read_log', 'Run', 'memory_verdict', 'setup_run',
            'remove_leftovers', 'restore_run', 'run_state', 'train_epoch', 'validate', 'finish_epoch', 'train',
-           'curve_widget', 'plot_curves', 'config_from_args', 'add_train_options', 'torchrun_command', 'train_torchrun',
-           'add_cli']
+           'config_from_args', 'add_train_options', 'torchrun_command', 'train_torchrun', 'add_cli']
 
 # %% ../nbs/09_trainer.ipynb #46b5effc
 # long cell: one dataclass; its fields are read together, in named groups (a CLI option each: --crop-size ...)
@@ -795,62 +794,6 @@ def train(cfg: TrainConfig, resume=False, callbacks=(), quiet=False, stop=None):
         if d.on: dist.destroy_process_group()
     return {"out": str(run.out), "best_val_mean": run.best, "last": last, "train_cases": len(run.train_cases),
             "val_cases": len(run.val_cases), "stopped": stopped}
-
-# %% ../nbs/09_trainer.ipynb #fcab06cb
-def curve_widget(rows=()):
-    """A live plotly figure of the training log: loss parts (left) and validation Dice per region (right);
-    `fig.add_row(row)` adds an epoch."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-    base = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "validation Dice"))
-    for k in ("loss", "gdl", "ce", "bsc"): base.add_scatter(x=[], y=[], name=k, mode="lines+markers", row=1, col=1)
-    for k in (*REGIONS, "mean"): base.add_scatter(x=[], y=[], name=f"Dice {k}", mode="lines+markers", row=1, col=2)
-    base.update_layout(height=340, margin=dict(l=50, r=10, t=40, b=60))
-    base.update_xaxes(title_text="epoch", tick0=0, dtick=1, rangemode="tozero")   # whole epochs only
-    base.update_yaxes(range=[0, 1], row=1, col=2)
-    keys = ["loss", "gdl", "ce", "bsc", *[f"val_{k}" for k in REGIONS], "val_mean"]
-
-    class CurveWidget(go.FigureWidget):
-        "The figure, with `add_row(row)`: a callback of `train` that appends an epoch and redraws."
-        def add_row(self, row):
-            self._rows = [*getattr(self, "_rows", []), row]   # plotly lets a figure hold underscore attributes only
-            with self.batch_update():
-                for tr, k in zip(self.data, keys):
-                    pts = [(r["epoch"], r[k]) for r in self._rows if k in r and r[k] == r[k]]
-                    tr.x = [p[0] for p in pts]
-                    tr.y = [p[1] for p in pts]
-                n = max((r["epoch"] for r in self._rows), default=0) + 1
-                self.update_xaxes(dtick=max(1, math.ceil(n / 10)))      # about ten whole-epoch ticks
-
-    fig = CurveWidget(base)
-    for r in rows: fig.add_row(r)
-    return fig
-
-# %% ../nbs/09_trainer.ipynb #d1109171
-def plot_curves(run, ax=None, title=None):
-    "Static matplotlib figure of a training log: a run folder (its metrics.csv) or the rows themselves."
-    import matplotlib.pyplot as plt
-    rows = list(run) if isinstance(run, (list, tuple)) else read_log(run)
-    if ax is None: fig, ax = plt.subplots(1, 2, figsize=(10, 3))
-    ep = [r["epoch"] for r in rows]
-    for k in ("loss", "gdl", "ce", "bsc"): ax[0].plot(ep, [r.get(k, float("nan")) for r in rows], ".-", label=k)
-    val = {k: [r.get(f"val_{k}", float("nan")) for r in rows] for k in (*REGIONS, "mean")}
-    for k, v in val.items(): ax[1].plot(ep, v, ".-", label=k)
-    ax[0].set_title("training loss")
-    ax[1].set_title("validation Dice")
-    ax[1].set_ylim(0, 1)
-    from matplotlib.ticker import MaxNLocator
-    for a in ax:
-        a.set_xlabel("epoch")
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax[0].legend(fontsize=7)
-    if any(x == x for v in val.values() for x in v): ax[1].legend(fontsize=7)
-    else: ax[1].text(0.5, 0.5, "no validation during this run", ha="center", va="center", transform=ax[1].transAxes,
-                     color="0.4")
-    if ep: ax[1].set_xlim(ax[0].get_xlim())
-    if title: ax[0].figure.suptitle(title, fontsize=10)
-    ax[0].figure.tight_layout()
-    return ax[0].figure
 
 # %% ../nbs/09_trainer.ipynb #70c39b2b
 def _to_bool(v):

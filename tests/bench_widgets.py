@@ -11,7 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from brats_nb.data import find_cases, load_case, slice_viewer
+from brats_nb.data import find_cases, load_case
+from brats_nb.viz import slice_viewer
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real" / "brats18"
 
@@ -33,9 +34,9 @@ def time_moves(widget, control, values):
 
 def viewers(case):
     "(name, build function, control names) of every widget that shows a case."
-    from brats_nb.keypoints import keypoint_viewer
-    from brats_nb.inference import prediction_viewer
-    from brats_nb.mie import attention_viewer
+    from brats_nb.viz import keypoint_viewer
+    from brats_nb.viz import prediction_viewer
+    from brats_nb.viz import attention_viewer
     from brats_nb.model import build_model
     import numpy as np
     shifted = np.roll(case.label, 3, axis=0)     # a "prediction" with errors on every tumour slice
@@ -68,7 +69,7 @@ def main(argv=None):
             med = statistics.median(ts)
             print(f"{name + ' ' + ctrl:<26}{t_build:>10.3f}{med:>16.4f}{max(ts):>12.4f}{t_build / med:>12.1f}")
     # the training curves: one epoch's row appended to a live figure of 100 epochs
-    from brats_nb.trainer import curve_widget
+    from brats_nb.viz import curve_widget
     t0 = time.perf_counter(); fig = curve_widget(curve_rows(100)); t_build = time.perf_counter() - t0
     ts = []
     for r in curve_rows(100 + a.moves)[100:]:

@@ -11,7 +11,8 @@ import torch
 from brats_nb.cli import main
 from brats_nb.pipeline import BratsDataset
 from brats_nb.data import (BratsError, case_files, find_cases, labels_to_regions, load_case,
-                           normalize, regions_to_labels, slice_viewer)
+                           normalize, regions_to_labels)
+from brats_nb.viz import slice_viewer
 from brats_nb.synth import SAMPLES_DIR, make_case, make_samples, write_case
 
 

@@ -14,8 +14,8 @@ from torch import nn
 from brats_nb.cli import main
 from brats_nb.data import BratsError, brain_mask, find_cases, labels_to_regions, load_case, normalize, save_nifti
 from brats_nb.inference import (benchmark_inference, format_inference_bench, postprocess_et, predict_case, predict_folder,
-                                predict_volume, prediction_viewer, show_prediction, tta_flips, pad_to_multiple,
-                                ERROR_COLORS)
+                                predict_volume, tta_flips, pad_to_multiple)
+from brats_nb.viz import ERROR_COLORS, prediction_viewer, show_prediction
 from brats_nb.checkpoints import load_model
 from brats_nb.model import build_model
 from brats_nb.synth import SAMPLES_DIR, make_case, write_case

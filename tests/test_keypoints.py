@@ -15,9 +15,9 @@ import torch
 
 from brats_nb.cli import main
 from brats_nb.data import BratsError, REGIONS, labels_to_regions, load_case
-from brats_nb.keypoints import (ball_offsets, boundary_voxels, draw_balls, fill_hull, fill_hull_bruteforce, keypoint_viewer,
-                                score_candidates, select_keypoints, select_region_keypoints, select_region_reference,
-                                show_keypoints)
+from brats_nb.keypoints import (ball_offsets, boundary_voxels, draw_balls, fill_hull, fill_hull_bruteforce,
+                                score_candidates, select_keypoints, select_region_keypoints, select_region_reference)
+from brats_nb.viz import keypoint_viewer, show_keypoints
 from brats_nb.pipeline import BratsDataset, keypoint_files, keypoints_up_to_date, preprocess, preprocess_case
 from brats_nb.synth import SAMPLES_DIR, make_case, write_case
 

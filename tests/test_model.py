@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from brats_nb.data import BratsError, find_cases, load_case
 from brats_nb.pipeline import BratsDataset
-from brats_nb.mie import MIE, SCSE, attention_viewer, mie_attention, show_attention
+from brats_nb.mie import MIE, SCSE, mie_attention
+from brats_nb.viz import attention_viewer, show_attention
 from brats_nb.model import VARIANTS, build_model, conv_macs, count_parameters, reference_parameters
 from brats_nb.sie import SIE
 
