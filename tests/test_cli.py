@@ -22,7 +22,10 @@ def run(*args, **kw):
     return subprocess.run([str(BIN / "brats-nb"), *args], capture_output=True, text=True, env=ENV, **kw)
 
 
-# first in this file: the longest test (about 4 minutes), so that it does not run alone at the end of the suite
+# first in this file: the longest test (4 minutes alone, 10 beside the other pytest worker), so that it does not run
+# alone at the end of the suite. Slow: `BRATS_NB_SLOW=1` runs it; CI's time holds the demo's own end-to-end run instead
+@pytest.mark.skipif(os.environ.get("BRATS_NB_SLOW", "") != "1",
+                    reason="trains the lessons' model again (4-10 min on 2 cores); BRATS_NB_SLOW=1 runs it")
 def test_lesson_model_command_reproduces_the_shipped_model(tmp_path):
     """`brats-nb lesson-model` (the documented command) trains the lessons' model again; the new one must score what the
     shipped one records on the eight held-out cases, and the shipped file must stay small."""
