@@ -5,6 +5,7 @@
 # %% ../nbs/08_inference.ipynb #f0bf5086
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import time
@@ -364,7 +365,9 @@ def add_cli(sub):
 # %% ../nbs/08_inference.ipynb #a4c15cff
 def _add_predict_options(p):
     "The prediction options of `brats-nb predict` (in the order `--help` lists them)."
-    p.add_argument("--tta", action="store_true", help="average the softmax over the 8 flips (8 times slower)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the softmax over the 8 flips (8 times slower); default: what the checkpoint's "
+                        "training recorded (val_tta: on for the laptop preset and the shipped real-data model)")
     p.add_argument("--sliding-window", action="store_true",
                    help="predict in overlapping windows (less memory) instead of the whole volume")
     p.add_argument("--roi-size", type=int, default=None, help="sliding window size, a multiple of 16 (default: the "
@@ -405,11 +408,12 @@ def _run_predict(a):
     # a reduced-resolution model predicts in windows of the crops it saw
     sliding = a.sliding_window or bool(spacing and a.roi_size is None and train_cfg.get("crop_size"))
     roi = a.roi_size or (int(train_cfg.get("crop_size", 128)) if spacing else 128)
+    tta = bool(train_cfg.get("val_tta", False)) if a.tta is None else a.tta
     print(f"{len(cases)} cases, model {config.get('model', {}).get('variant', '?')} on {device}, "
-          f"{'8-flip TTA' if a.tta else 'no TTA'}, {'sliding window ' + str(roi) if sliding else 'whole volume'}"
+          f"{'8-flip TTA' if tta else 'no TTA'}, {'sliding window ' + str(roi) if sliding else 'whole volume'}"
           + (f", through a {spacing:g} mm copy" if spacing else ""))
     et_threshold = int(train_cfg.get("et_threshold", 500)) if a.et_threshold is None else a.et_threshold
-    kw = dict(tta=a.tta, sliding_window=sliding, roi_size=roi, overlap=a.overlap,
+    kw = dict(tta=tta, sliding_window=sliding, roi_size=roi, overlap=a.overlap,
               postprocess=not a.no_postprocess and et_threshold > 0, et_threshold=et_threshold, device=device,
               amp=a.amp, convention=a.convention, need_core=a.drop_coreless or bool(train_cfg.get("need_core", False)))
     paths = predict_folder(model, a.data_dir, a.out, mask_background=not a.no_brain_mask, spacing=spacing, **kw)

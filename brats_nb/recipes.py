@@ -157,7 +157,8 @@ def _card_recipe(state):
             f"Dice + {t['ce_weight']:g} cross-entropy + {t['bsc_weight']:g} BSC after {t['bsc_warmup']} epochs; "
             f"float16 weights ({state['parameters']} parameters).", "",
             f"Prediction (`brats-nb predict`): through a {t['spacing']:g} mm copy in sliding {t['crop_size']}³ "
-            "windows, the probabilities resampled to the input's grid, labels written at full resolution in the "
+            + ("windows, the mean of the 8 flips (`--no-tta` for one pass), " if t.get("val_tta") else "windows, ")
+            + "the probabilities resampled to the input's grid, labels written at full resolution in the "
             "input's space and convention; " + et_rule + core_rule]
 
 # %% ../nbs/09a_recipes.ipynb #c83d5b17

@@ -13,8 +13,9 @@ dropped) is chosen per fold **on the other folds' held-out predictions only** (n
 the rule chosen on all folds is the one the shipped model records. Prints and writes one markdown report: per case and
 region Dice and HD95 (BraTS conventions: both empty Dice 1 / HD95 0, one empty Dice 0 / HD95 373.13), the mean with a
 95% t-interval over cases, the whole-brain floor (every brain voxel called tumour) and false ET in cases without ET.
-With `--tta` the held-out cases are predicted with the mean of the 8 flips (the folds' trained runs in `--keep` are
-reused: only the predictions are made again). Not a test: it takes about an hour on 2 cores.
+The held-out cases are predicted with the mean of the 8 flips when the recipe says so (`val_tta`, on in the laptop
+preset) or `--tta` is given (`--no-tta`: one pass); with `--keep` the folds' trained runs are reused and only missing
+predictions are made. Not a test: it takes about an hour on 2 cores.
 """
 import argparse
 import json
@@ -68,14 +69,15 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the laptop preset's)")
     p.add_argument("--out", default="nbs/results/real_cpu/cv.md")
     p.add_argument("--keep", default=None, help="keep the runs and the held-out labels here (and reuse finished folds)")
-    p.add_argument("--tta", action="store_true", help="predict the held-out cases with 8-flip TTA")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict the held-out cases with 8-flip TTA (default: as the recipe's runs record, val_tta)")
     a = p.parse_args(argv)
 
     import torch
     from brats_nb.data import brain_mask, find_cases, labels_to_classes, load_case
     from brats_nb.inference import predict_case
     from brats_nb.metrics import dice
-    from brats_nb.checkpoints import load_model
+    from brats_nb.checkpoints import load_model, read_checkpoint
     from brats_nb.trainer import preset, train
 
     root = real_root(a.data)
@@ -83,7 +85,7 @@ def main(argv=None):
     cases = {c.name: c for c in find_cases(root)}
     folds = folds_of(cases, a.k)
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="brats_nb_cv_"))
-    raw, info = {}, []
+    raw, info, used = {}, [], set()
     try:
         for f, test in enumerate(folds):
             fdir = work / f"fold{f}"
@@ -99,7 +101,10 @@ def main(argv=None):
                 t_train = time.perf_counter() - t0
                 (fdir / "done.json").write_text(json.dumps(dict(test=test, train_s=t_train, threads=torch.get_num_threads())))
             done = json.loads((fdir / "done.json").read_text())
-            key = "predict_tta_s" if a.tta else "predict_s"
+            tta = a.tta if a.tta is not None else bool(
+                read_checkpoint(fdir / "run" / "latest.pt")["config"]["train"].get("val_tta", False))
+            used.add(tta)
+            key, suffix = ("predict_tta_s", ".tta") if tta else ("predict_s", "")
             if key not in done:                                   # the held-out predictions of this fold's run
                 model, config = load_model(fdir / "run" / "latest.pt")
                 done[key] = {}
@@ -107,15 +112,15 @@ def main(argv=None):
                     t1 = time.perf_counter()
                     label = predict_case(model, load_case(cases[n], load_label=False), spacing=config["train"]["spacing"],
                                          sliding_window=True, roi_size=config["train"]["crop_size"], postprocess=False,
-                                         convention="brats2017", tta=a.tta)
+                                         convention="brats2017", tta=tta)
                     done[key][n] = time.perf_counter() - t1
-                    np.savez_compressed(fdir / f"{n}{'.tta' if a.tta else ''}.npz",
+                    np.savez_compressed(fdir / f"{n}{suffix}.npz",
                                         classes=labels_to_classes(label, "brats2017"))
                 (fdir / "done.json").write_text(json.dumps(done))
             done["predict"] = done[key]
             info.append(done)
             print(f"fold {f}: trained in {done['train_s']:.0f} s on {len(cases) - len(test)} cases; held out {test}", flush=True)
-            for n in test: raw[n] = dict(fold=f, classes=np.load(fdir / f"{n}{'.tta' if a.tta else ''}.npz")["classes"])
+            for n in test: raw[n] = dict(fold=f, classes=np.load(fdir / f"{n}{suffix}.npz")["classes"])
         for n, r in raw.items():
             case = load_case(cases[n])
             r["gt"], r["spacing"] = labels_to_classes(case.label, case.label_convention), case.spacing
@@ -139,7 +144,7 @@ def main(argv=None):
     rule_s = lambda rule: (f"ET < {rule[0]} vox -> NCR" if rule[0] else "no ET rule") + (", core-less dropped" if rule[1] else "")
     lines = [f"# Cross-validation of the laptop recipe on {len(rows)} real BraTS cases ({a.k} folds)", "",
              f"Folds fixed in advance (cases sorted by name, case i in fold i % {a.k}). Each fold: `preset('laptop')` trained on the "
-             "other folds' cases, held-out cases predicted at 1 mm through a 2 mm copy" + (" with 8-flip TTA" if a.tta else "") + " and scored against their own 1 mm labels. "
+             "other folds' cases, held-out cases predicted at 1 mm through a 2 mm copy" + (" with 8-flip TTA" if used == {True} else "") + " and scored against their own 1 mm labels. "
              "The ET-absent rule is chosen per fold on the other folds' held-out predictions only (nested). Dice: BraTS "
              "conventions (1 when both empty, 0 for any false ET); HD95 in mm, the larger of the two directed 95th percentiles "
              "(373.13 when one mask is empty).", "",
@@ -159,7 +164,7 @@ def main(argv=None):
               f"Rule chosen on all folds (the one the shipped model records): {rule_s(overall)}.",
               "Training time per fold (s): " + ", ".join(f"{d['train_s']:.0f}" for d in info) + f" on {info[0]['threads']} threads; "
               "prediction per case (s, median): " + f"{np.median([v for d in info for v in d['predict'].values()]):.1f}"
-              + (" with 8-flip TTA." if a.tta else ".")]
+              + (" with 8-flip TTA." if used == {True} else ".")]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

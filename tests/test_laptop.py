@@ -88,7 +88,7 @@ def test_the_shipped_real_model_is_small_float16_and_has_a_card():
     assert real_checkpoint().stat().st_size < 4_000_000
     assert all(v.dtype == torch.float16 for v in ck["model"].values() if v.is_floating_point())
     t = ck["config"]["train"]
-    assert t["spacing"] == 2.0 and t["fg_balance"] == "class" and len(ck["cases"]) == 14
+    assert t["spacing"] == 2.0 and t["fg_balance"] == "class" and len(ck["cases"]) == 14 and t["val_tta"]
     card = real_model_card()
     for words in ("Not for clinical use", "Cross-validated scores", "Sources and licences", *ck["cases"]):
         assert words in card, words
@@ -98,7 +98,10 @@ def test_predict_without_a_checkpoint_uses_the_shipped_model(tmp_path):
     r = run("predict", SAMPLES_DIR / "Synth_000", "--out", tmp_path / "p", cache=tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "no CHECKPOINT given: using the real-data model shipped with brats_nb" in r.stdout and "not for clinical use" in r.stdout
+    assert "8-flip TTA" in r.stdout                  # the recipe's protocol (val_tta), chosen by cross-validation
     assert nib.load(str(tmp_path / "p" / "Synth_000.nii.gz")).shape == (96, 96, 96)
+    r = run("predict", SAMPLES_DIR / "Synth_000", "--out", tmp_path / "q", "--no-tta", cache=tmp_path / "cache")
+    assert r.returncode == 0 and "no TTA" in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (REAL / "brats21" / "BraTS2021_00000").is_dir(), reason="the real BraTS cases of ../shared/real are not here")
