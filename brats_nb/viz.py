@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 
 from .core import BratsError, bbox
-from . import data as _data   # not `Case`, `load_case` by name: in the lesson they must stay the lesson's
-from .data import AXES, brain_mask, get_convention, pick_modality, take_slice, tumour_centre, windowed
+from . import data as _data   # its classes not by name (Case, load_case, get_convention): in the lesson
+from .data import AXES, brain_mask, pick_modality, take_slice, tumour_centre, windowed   # they stay its own
 
 LABEL_COLORS = {"NCR/NET": (0.90, 0.15, 0.15), "ED": (0.20, 0.80, 0.20), "ET": (1.00, 0.85, 0.10)}
 
@@ -35,7 +35,7 @@ def _as_case(case):
 def label_colours(convention="brats2017"):
     ("(value, name, colour) of each label of `convention`: tumour core red, edema green, enhancing yellow "
      "(whatever their numbers).")
-    return [(v, n, TISSUE_COLORS[n]) for v, n in sorted(get_convention(convention).labels.items())]
+    return [(v, n, TISSUE_COLORS[n]) for v, n in sorted(_data.get_convention(convention).labels.items())]
 
 def overlay_rgb(gray, label=None, convention="brats2017", alpha=0.45):
     "An RGB image of a 2D gray slice in [0, 1] with the label classes blended over it."
