@@ -1,6 +1,6 @@
 """Cross-validation of the laptop recipe on real BraTS cases: k folds fixed in advance, Dice and HD95 per case and region.
 
-    python tests/bench_real_cv.py [--data DIR] [--k 4] [--epochs N] [--out nbs/results/real_cpu/cv.md] [--keep DIR] [--tta]
+    python tests/bench_real_cv.py [--data DIR] [--k 4] [--epochs N] [--out nbs/results/real_cpu/cv.md] [--keep DIR] [--folds F ...] [--tta]
 
 The data are the real cases of $BRATS_NB_DATA (or ../shared/real): every BraTS case folder below it, at full resolution.
 Folds are fixed before anything runs: the cases sorted by name, case i in fold i % k. For each fold the recipe of
@@ -15,7 +15,8 @@ region Dice and HD95 (BraTS conventions: both empty Dice 1 / HD95 0, one empty D
 95% t-interval over cases, the whole-brain floor (every brain voxel called tumour) and false ET in cases without ET.
 The held-out cases are predicted with the mean of the 8 flips when the recipe says so (`val_tta`, on in the laptop
 preset) or `--tta` is given (`--no-tta`: one pass); with `--keep` the folds' trained runs are reused and only missing
-predictions are made. Not a test: it takes about an hour on 2 cores.
+predictions are made. Not a test: it takes about 80 minutes on 2 cores (30 epochs; two processes with `--folds 0 2` and
+`--folds 1 3`, then one without `--folds` for the report).
 """
 import argparse
 import json
@@ -69,9 +70,13 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the laptop preset's)")
     p.add_argument("--out", default="nbs/results/real_cpu/cv.md")
     p.add_argument("--keep", default=None, help="keep the runs and the held-out labels here (and reuse finished folds)")
+    p.add_argument("--folds", type=int, nargs="+", default=None,
+                   help="run only these folds and stop before the report (needs --keep; two processes with different "
+                        "folds share the cores, and a last run without --folds reports them all)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="predict the held-out cases with 8-flip TTA (default: as the recipe's runs record, val_tta)")
     a = p.parse_args(argv)
+    if a.folds is not None and not a.keep: p.error("--folds needs --keep (the folds' runs are kept there for the report)")
 
     import torch
     from brats_nb.data import brain_mask, find_cases, labels_to_classes, load_case
@@ -88,6 +93,7 @@ def main(argv=None):
     raw, info, used = {}, [], set()
     try:
         for f, test in enumerate(folds):
+            if a.folds is not None and f not in a.folds: continue
             fdir = work / f"fold{f}"
             data = fdir / "train"
             if not (fdir / "done.json").exists():
@@ -118,9 +124,13 @@ def main(argv=None):
                                         classes=labels_to_classes(label, "brats2017"))
                 (fdir / "done.json").write_text(json.dumps(done))
             done["predict"] = done[key]
+            done["epochs"] = json.loads((fdir / "run" / "config.json").read_text())["epochs"]
             info.append(done)
             print(f"fold {f}: trained in {done['train_s']:.0f} s on {len(cases) - len(test)} cases; held out {test}", flush=True)
             for n in test: raw[n] = dict(fold=f, classes=np.load(fdir / f"{n}{suffix}.npz")["classes"])
+        if a.folds is not None:
+            print(f"folds {a.folds} done in {work}; run again without --folds for the report")
+            return None, None
         for n, r in raw.items():
             case = load_case(cases[n])
             r["gt"], r["spacing"] = labels_to_classes(case.label, case.label_convention), case.spacing
@@ -156,13 +166,14 @@ def main(argv=None):
     stats_d = [interval([r["dice"][i] for r in rows]) for i in range(3)]
     stats_h = [interval([r["hd95"][i] for r in rows]) for i in range(3)]
     floor = [np.mean([r["floor"][i] for r in rows]) for i in range(3)]
-    lines += [f"| **mean ± 95% CI** | | | | " + " | ".join(f"**{m:.3f}** ± {h:.3f}" for m, h in stats_d) + " | "
+    lines += ["| **mean ± 95% CI** | | | | " + " | ".join(f"**{m:.3f}** ± {h:.3f}" for m, h in stats_d) + " | "
               + " | ".join(f"{m:.1f} ± {h:.1f}" for m, h in stats_h) + " |",
               "| whole-brain floor | | | | " + " | ".join(f"{x:.3f}" for x in floor) + " | | | |", "",
               f"Cases without ET: {sum(not r['et'] for r in rows)}; with ET predicted in them: "
               f"{sum(r['false_et'] for r in rows)} ({', '.join(r['case'] for r in rows if r['false_et']) or 'none'}).",
               f"Rule chosen on all folds (the one the shipped model records): {rule_s(overall)}.",
-              "Training time per fold (s): " + ", ".join(f"{d['train_s']:.0f}" for d in info) + f" on {info[0]['threads']} threads; "
+              "Training time per fold (s): " + ", ".join(f"{d['train_s']:.0f}" for d in info) + f" on {info[0]['threads']} threads"
+              + f" ({'/'.join(sorted({str(d['epochs']) for d in info}))} epochs); "
               "prediction per case (s, median): " + f"{np.median([v for d in info for v in d['predict'].values()]):.1f}"
               + (" with 8-flip TTA." if used == {True} else ".")]
     text = "\n".join(lines) + "\n"
