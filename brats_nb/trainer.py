@@ -248,7 +248,7 @@ PRESETS = {
 # real full-resolution BraTS on a laptop: the CPU recipe on a 2 mm training cache, more crops,
 # class-balanced tumour crops
 PRESETS["laptop"] = dict(PRESETS["cpu"], spacing=2.0, cache_dir="auto", augment_on="loader", batch_size=2,
-                         samples_per_case=12, epochs=15, val_every=15, fg_balance="class", bsc_warmup=3,
+                         samples_per_case=12, epochs=30, val_every=30, fg_balance="class", bsc_warmup=3,
                          # the prediction rules chosen by cross-validation (tests/bench_real_cv.py): no ET-size
                          # rule, core-less tumour dropped, and the mean of the 8 flips (validation and predict)
                          et_threshold=0, need_core=True, val_tta=True)
