@@ -77,6 +77,8 @@ def main(argv=None):
                    help="predict the held-out cases with 8-flip TTA (default: as the recipe's runs record, val_tta)")
     a = p.parse_args(argv)
     if a.folds is not None and not a.keep: p.error("--folds needs --keep (the folds' runs are kept there for the report)")
+    if a.folds is not None and not set(a.folds) <= set(range(a.k)):
+        p.error(f"--folds {a.folds}: folds are numbered 0..{a.k - 1} (--k {a.k})")
 
     import torch
     from brats_nb.data import brain_mask, find_cases, labels_to_classes, load_case
