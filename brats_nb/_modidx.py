@@ -390,6 +390,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                    'brats_nb.pipeline.centred_corner': ('pipeline.html#centred_corner', 'brats_nb/pipeline.py'),
                                    'brats_nb.pipeline.default_cache_dir': ('pipeline.html#default_cache_dir', 'brats_nb/pipeline.py'),
                                    'brats_nb.pipeline.find_cache_entry': ('pipeline.html#find_cache_entry', 'brats_nb/pipeline.py'),
+                                   'brats_nb.pipeline.intensity_field': ('pipeline.html#intensity_field', 'brats_nb/pipeline.py'),
                                    'brats_nb.pipeline.keypoint_files': ('pipeline.html#keypoint_files', 'brats_nb/pipeline.py'),
                                    'brats_nb.pipeline.keypoint_store': ('pipeline.html#keypoint_store', 'brats_nb/pipeline.py'),
                                    'brats_nb.pipeline.keypoints_up_to_date': ('pipeline.html#keypoints_up_to_date', 'brats_nb/pipeline.py'),

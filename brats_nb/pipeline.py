@@ -29,11 +29,12 @@ from .data import (REGIONS, CONVENTIONS, CaseFiles, find_cases, load_case, save_
 from .keypoints import KeypointSettings, keypoint_settings, select_keypoints
 
 # %% auto #0
-__all__ = ['AUG_MAX_ANGLE', 'CACHE_VERSION', 'uniform_corner', 'centred_corner', 'RandTumourCropd', 'training_transforms',
-           'augment_params', 'augment_theta', 'augment_batch', 'load_extra', 'BratsDataset', 'keypoint_store',
-           'keypoint_files', 'keypoints_up_to_date', 'preprocess_case', 'preprocess', 'cache_root', 'default_cache_dir',
-           'cache_settings', 'cache_key', 'find_cache_entry', 'cache_case', 'read_cache_entry', 'CachedDataset',
-           'prepare_cache', 'prepare_keypoints', 'prepare_training_data', 'training_dataset', 'add_cli']
+__all__ = ['AUG_MAX_ANGLE', 'FIELD_POINTS', 'CACHE_VERSION', 'uniform_corner', 'centred_corner', 'RandTumourCropd',
+           'training_transforms', 'augment_params', 'augment_theta', 'intensity_field', 'augment_batch', 'load_extra',
+           'BratsDataset', 'keypoint_store', 'keypoint_files', 'keypoints_up_to_date', 'preprocess_case', 'preprocess',
+           'cache_root', 'default_cache_dir', 'cache_settings', 'cache_key', 'find_cache_entry', 'cache_case',
+           'read_cache_entry', 'CachedDataset', 'prepare_cache', 'prepare_keypoints', 'prepare_training_data',
+           'training_dataset', 'add_cli']
 
 # %% ../nbs/05a_pipeline.ipynb #ae98d206
 def uniform_corner(randint, size, shape):
@@ -93,15 +94,19 @@ def training_transforms(crop_size, augment=True, extra_keys=(), fg_fraction=0.0)
 
 # %% ../nbs/05a_pipeline.ipynb #f4122fe3
 AUG_MAX_ANGLE = float(np.deg2rad(10))   # the paper's rotation range, per axis
+FIELD_POINTS = (3, 3, 3)                # control points of the smooth intensity field across a crop
 
-def augment_params(n, channels=4, generator=None, max_angle=AUG_MAX_ANGLE, scale=0.1, shift=0.1):
+def augment_params(n, channels=4, generator=None, max_angle=AUG_MAX_ANGLE, scale=0.1, shift=0.1, field=0.0):
     """Random parameters of the training augmentation for `n` samples, drawn on the CPU from `generator`: `angles`
     (n, 3) about array axes 0, 1, 2 in U(-max_angle, max_angle), `flips` (n, 3) each with probability 1/2, and per
     channel a `scale` factor 1 + U(-scale, scale) and a `shift` U(-shift, shift) (as `training_transforms`' MONAI
-    chain)."""
+    chain). With `field` > 0 also `field` (n, 2, channels, 3, 3, 3): per channel the control points of a smooth log-gain
+    and offset, each U(-field, field) (`intensity_field`; drawn last, so the other draws are those without it)."""
     u = lambda *s: torch.rand(*s, generator=generator, dtype=torch.float64)
-    return dict(angles=(2 * u(n, 3) - 1) * max_angle, flips=u(n, 3) < 0.5,
-                scale=1 + (2 * u(n, channels) - 1) * scale, shift=(2 * u(n, channels) - 1) * shift)
+    p = dict(angles=(2 * u(n, 3) - 1) * max_angle, flips=u(n, 3) < 0.5,
+             scale=1 + (2 * u(n, channels) - 1) * scale, shift=(2 * u(n, channels) - 1) * shift)
+    if field > 0: p["field"] = (2 * u(n, 2, channels, *FIELD_POINTS) - 1) * field
+    return p
 
 def _rotation(axis, a):
     "Rotation by angle `a` about array axis `axis`, acting on array-axis coordinates (float64, 3x3)."
@@ -131,20 +136,33 @@ def augment_theta(params, shape):
         out.append(torch.cat([m, torch.zeros(3, 1, dtype=torch.float64)], 1))
     return torch.stack(out)
 
+# %% ../nbs/05a_pipeline.ipynb #a1f1e1d1
+def intensity_field(points, shape):
+    """The smooth per-channel gain and offset of the `field` augmentation from its control points `points`
+    (n, 2, C, *FIELD_POINTS): (gain, offset), each (n, C, *shape), trilinear between the points across the crop."""
+    n, _, c = points.shape[:3]
+    f = F.interpolate(points.reshape(n, 2 * c, *points.shape[3:]).float(), size=tuple(shape), mode="trilinear",
+                      align_corners=True).reshape(n, 2, c, *shape)
+    return f[:, 0].exp(), f[:, 1]
+
 # %% ../nbs/05a_pipeline.ipynb #7300f7ca
-def augment_batch(batch, generator=None, params=None):
+def augment_batch(batch, generator=None, params=None, field=0.0):
     """The training augmentation applied to a whole batch on its own device (a GPU, or the CPU): one affine grid per
     sample for rotation and flips (bilinear for `image`, nearest for `label` and `keypoints`, zeros outside), then the
-    per-channel intensity scale and shift. `batch`: dict with `image` (B, C, X, Y, Z), `label` (B, X, Y, Z) and optional
+    per-channel intensity scale and shift, and with `field` > 0 (or `params` holding one) a smooth intensity field
+    (`intensity_field`, not in the paper). `batch`: dict with `image` (B, C, X, Y, Z), `label` (B, X, Y, Z) and optional
     `keypoints` (B, 3, X, Y, Z); returns a new dict (other keys kept)."""
     x = batch["image"]
     n, c, shape = x.shape[0], x.shape[1], tuple(x.shape[2:])
-    p = params or augment_params(n, c, generator)
+    p = params or augment_params(n, c, generator, field=field)
     theta, scale, shift = (_to_device(t, x.device) for t in (augment_theta(p, shape), p["scale"], p["shift"]))
     grid = F.affine_grid(theta, (n, c, *shape), align_corners=False)
     out = dict(batch)
     img = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out["image"] = img * scale[:, :, None, None, None] + shift[:, :, None, None, None]
+    if "field" in p:
+        gain, offset = intensity_field(_to_device(p["field"], x.device), shape)
+        out["image"] = out["image"] * gain + offset * (img != 0).any(1, keepdim=True)   # offset: inside the head
     lab = F.grid_sample(batch["label"][:, None].float(), grid, mode="nearest", padding_mode="zeros",
                         align_corners=False)
     out["label"] = lab[:, 0].round().long()
@@ -452,9 +470,10 @@ class CachedDataset(torch.utils.data.Dataset):
     (float16 image, uint8 classes and key points: a third of the bytes through shared memory), widened there.
     At most `max_open` entries are kept open per process (three file descriptors each), the least recently used closed.
     A share `fg_fraction` of the crops is centred on a tumour voxel: any (`fg_balance="tumour"`), or one of a tissue
-    class drawn uniformly among the classes the case holds (`"class"`, as nnU-Net samples foreground per class)."""
+    class drawn uniformly among the classes the case holds (`"class"`, as nnU-Net samples foreground per class).
+    `field` > 0 adds the smooth intensity field to the augmentation here (`augment_batch`)."""
     def __init__(self, entries, crop_size=128, seed=0, samples_per_case=1, fg_fraction=0.0, n_classes=3, augment=False,
-                 fg_balance="tumour", keypoints=True, max_open=64):
+                 fg_balance="tumour", keypoints=True, max_open=64, field=0.0):
         if fg_balance not in ("tumour", "class"): raise BratsError(f"fg_balance {fg_balance!r}: use tumour or class")
         self.entries = [Path(e) for e in entries]
         if not self.entries: raise BratsError("CachedDataset: no cache entries given")
@@ -462,7 +481,7 @@ class CachedDataset(torch.utils.data.Dataset):
         for e, m in zip(self.entries, self.metas): check_classes(e, m["label_convention"], n_classes)
         self.crop_size = (crop_size,) * 3 if isinstance(crop_size, int) else tuple(crop_size)
         self.seed, self.samples_per_case = seed, samples_per_case
-        self.fg_fraction, self.augment = float(fg_fraction), augment
+        self.fg_fraction, self.augment, self.field = float(fg_fraction), augment, float(field)
         self.fg_balance, self.n_classes, self.epoch = fg_balance, n_classes, 0
         self.keypoints, self.max_open = keypoints, max(1, int(max_open))
         self._open, self._lut, self._fg = OrderedDict(), {}, {}     # memory maps (least recently used first); per entry
@@ -531,7 +550,7 @@ def __getitem__(self: CachedDataset, idx):
     if self.keypoints: res["keypoints"] = torch.from_numpy(take(a["keypoints"], np.float32 if wide else np.uint8))
     if self.augment:
         g = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        b = augment_batch({k: v[None] for k, v in res.items()}, g)
+        b = augment_batch({k: v[None] for k, v in res.items()}, g, field=self.field)
         res = {k: v[0] for k, v in b.items()}
     res["case"] = self.metas[i]["name"]
     return res
@@ -577,14 +596,18 @@ def prepare_training_data(cases, cache_dir="", keypoints: KeypointSettings | Non
 # %% ../nbs/05a_pipeline.ipynb #119b6c34
 def training_dataset(cases, crop_size, cache_dir="", keypoints: KeypointSettings | None = None, bsc=True,
                      convention=None, spacing=0.0, n_classes=3, seed=0, samples_per_case=1, fg_fraction=0.0,
-                     fg_balance="tumour", augment=True, cache=False, main=True, barrier=None):
+                     fg_balance="tumour", augment=True, cache=False, main=True, barrier=None, field=0.0):
     """The training dataset of `cases`: with `cache_dir` ('auto' or a folder) a `CachedDataset` over their cache entries
     (written where missing), else a `BratsDataset` over their files, with the key point maps as an extra channel when
-    `bsc`. `augment`: augment each crop here (else on the training device, `augment_batch`)."""
+    `bsc`. `augment`: augment each crop here (else on the training device, `augment_batch`); `field` > 0: with the
+    smooth intensity field (the cache only)."""
+    if field and not cache_dir:
+        raise BratsError(f"the intensity field augmentation (field {field}) works on the training cache: set cache_dir")
     entries = prepare_training_data(cases, cache_dir, keypoints, bsc, convention, spacing, main, barrier)
     if cache_dir:                                              # memory-mapped cache entries: a crop is a slice
         return CachedDataset(entries, crop_size, seed=seed, samples_per_case=samples_per_case, fg_fraction=fg_fraction,
-                             n_classes=n_classes, augment=augment, fg_balance=fg_balance, keypoints=bsc)
+                             n_classes=n_classes, augment=augment, fg_balance=fg_balance, keypoints=bsc,
+                             field=field)
     return BratsDataset(cases, crop_size, augment=augment, extra=("keypoints",) if bsc else (), cache=cache, seed=seed,
                         samples_per_case=samples_per_case, fg_fraction=fg_fraction, label_convention=convention,
                         n_classes=n_classes, keypoint_store=keypoint_store(), keypoints=keypoints)

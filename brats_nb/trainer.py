@@ -83,6 +83,9 @@ class TrainConfig:
     fg_fraction: float = 0.0    # share of training crops centred on a tumour voxel (not in the paper; CPU preset 0.5)
     fg_balance: str = "tumour"  # tumour-centred crops centre on any tumour voxel, or (class) on a class drawn
                                 # uniformly among the case's (laptop preset; cache only)
+    aug_field: float = 0.0      # smooth intensity field augmentation: control-point range of its log-gain and offset
+                                # (05a; not in the paper; cache only; 0.3 cross-validated but not adopted:
+                                # results/real_cpu/cv_field.md)
     cache: bool = False         # keep normalised cases in memory (small data sets)
     cache_dir: str = ""         # training cache: '' reads the NIfTI files per crop; 'auto' $BRATS_NB_CACHE/train
                                 # (or ~/.cache/brats_nb/train); a folder
@@ -169,8 +172,9 @@ def check(self: TrainConfig):
         raise BratsError(f"spacing {self.spacing} must be >= 0 mm (0: the data's own resolution)")
     if self.fg_balance not in ("tumour", "class"):
         raise BratsError(f"fg_balance {self.fg_balance!r}: use tumour or class")
-    if (self.spacing or self.fg_balance == "class") and not self.cache_dir:
-        raise BratsError("spacing and fg_balance 'class' work on the training cache: "
+    if not self.aug_field >= 0: raise BratsError(f"aug_field {self.aug_field} must be >= 0 (0: none)")
+    if (self.spacing or self.fg_balance == "class" or self.aug_field) and not self.cache_dir:
+        raise BratsError("spacing, fg_balance 'class' and aug_field work on the training cache: "
                          "set cache_dir ('auto' or a folder)")
     self.keypoints                                          # valid key point settings
     return self.check_ranges()
@@ -548,7 +552,7 @@ def setup_run(cfg: TrainConfig):
     ds = training_dataset(train_cases, cfg.crop_size, cache_dir=cfg.cache_dir, keypoints=cfg.keypoints,
                           bsc=cfg.uses_bsc, convention=cfg.convention or None, spacing=cfg.spacing, n_classes=k,
                           seed=cfg.seed, samples_per_case=cfg.samples_per_case, fg_fraction=cfg.fg_fraction,
-                          fg_balance=cfg.fg_balance,
+                          fg_balance=cfg.fg_balance, field=cfg.aug_field,
                           augment=cfg.augment_on == "loader", cache=cfg.cache, main=d.main,
                           barrier=dist.barrier if d.on else None)
     sampler = EpochSampler(len(ds), cfg.seed, d.rank, d.world)
@@ -643,7 +647,8 @@ def _augment_on_device(run: Run, batch, epoch, step):
     seed = np.random.SeedSequence([run.cfg.seed, epoch, step, run.d.rank]).generate_state(1)[0]
     g = torch.Generator().manual_seed(int(seed))
     keys = [k for k in ("image", "label", "keypoints") if k in batch]
-    return {**batch, **augment_batch({k: batch[k].to(run.device, non_blocking=True) for k in keys}, g)}
+    return {**batch, **augment_batch({k: batch[k].to(run.device, non_blocking=True) for k in keys}, g,
+                                 field=run.cfg.aug_field)}
 
 # %% ../nbs/09_trainer.ipynb #3ed30c49
 LOSS_KEYS = ("loss", "gdl", "ce", "bsc")
