@@ -62,7 +62,11 @@ def parse_overrides(items):
         key, sep, value = item.partition("=")
         if not sep or key not in types: raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
         t = types[key]
-        try: out[key] = (value.lower() in ("1", "true", "yes", "on")) if t is bool else t(value)
+        try:
+            if t is not bool: out[key] = t(value)
+            elif value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                out[key] = value.lower() in ("1", "true", "yes", "on")
+            else: raise ValueError
         except ValueError: raise SystemExit(f"--set {item!r}: {value!r} is not a {t.__name__}") from None
     return out
 
@@ -107,6 +111,7 @@ def main(argv=None):
     from brats_nb.trainer import preset, train
 
     overrides = parse_overrides(a.overrides)
+    train_overrides = {**({"epochs": a.epochs} if a.epochs else {}), **overrides}   # --set epochs wins over --epochs
     root = real_root(a.data)
     if root is None: raise SystemExit("no real data: set BRATS_NB_DATA (or --data) to a folder of BraTS cases")
     cases = {c.name: c for c in find_cases(root)}
@@ -123,7 +128,7 @@ def main(argv=None):
                 for n, c in cases.items():
                     if n not in test: (data / n).symlink_to(c.resolve())
                 cfg = preset("laptop", data=str(data), out=str(fdir / "run"), val_fraction=0.0, val_every=0,
-                             **({"epochs": a.epochs} if a.epochs else {}), **overrides)
+                             **train_overrides)
                 t0 = time.perf_counter()
                 train(cfg, resume=(fdir / "run" / "latest.pt").exists(), quiet=True)
                 t_train = time.perf_counter() - t0
@@ -199,8 +204,8 @@ def main(argv=None):
               f"{sum(r['false_et'] for r in rows)} ({', '.join(r['case'] for r in rows if r['false_et']) or 'none'}).",
               f"Rule chosen on all folds (the one the shipped model records): {rule_s(overall)}.",
               f"With the recipe's own rule ({rule_s(recipe_rule)}) on every fold: mean Dice WT/TC/ET "
-              + "/".join(f"{np.mean([scores(apply_rule(raw[n]['classes'], recipe_rule), raw[n]['gt'], raw[n]['spacing'])[0][i] for n in raw]):.3f}"
-                         for i in range(3)) + ".",
+              + "/".join(f"{x:.3f}" for x in np.mean([scores(apply_rule(r["classes"], recipe_rule), r["gt"], r["spacing"])[0]
+                                                      for r in raw.values()], axis=0)) + ".",
               "Training time per fold (s): " + ", ".join(f"{d['train_s']:.0f}" for d in info) + f" on {info[0]['threads']} threads"
               + f" ({'/'.join(sorted({str(d['epochs']) for d in info}))} epochs); "
               "prediction per case (s, median): " + f"{np.median([v for d in info for v in d['predict'].values()]):.1f}"
